@@ -1,0 +1,31 @@
+# The README's commands. Each target creates .venv when missing and installs the project into it.
+PY ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: demo test test-fast bench setup clean
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)  ## run the whole loop on the embedded default (local Ray, MLflow on sqlite, Delta tables)
+	$(VENV)/bin/driftloop demo
+
+test: $(STAMP)  ## every test, end-to-end ones included
+	$(VENV)/bin/python -m pytest -v --durations=15
+
+test-fast: $(STAMP)  ## unit tests only (no Ray)
+	$(VENV)/bin/python -m pytest -m "not slow"
+
+bench: $(STAMP)  ## benchmarks; writes bench/results.md and bench/results.json
+	$(VENV)/bin/python bench/run_all.py
+
+clean:
+	rm -rf .driftloop mlruns .pytest_cache

@@ -1,0 +1,230 @@
+"""The model spec: one typed YAML file per model. A bad field is rejected with its path and reason."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """A model spec that cannot be used; the message names the field path and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_RANGE = re.compile(r"^(?P<prefix>.*)\{(?P<lo>\d+)\.\.(?P<hi>\d+)\}(?P<suffix>.*)$")
+
+
+def expand_names(names: list[str]) -> list[str]:
+    """Expand 'pixel_{0..63}' into pixel_0 … pixel_63 so specs stay short."""
+    out: list[str] = []
+    for name in names:
+        m = _RANGE.match(name)
+        if m:
+            lo, hi = int(m["lo"]), int(m["hi"])
+            out.extend(f"{m['prefix']}{i}{m['suffix']}" for i in range(lo, hi + 1))
+        else:
+            out.append(name)
+    return out
+
+
+class DatasetSpec(_Strict):
+    source: str = Field(description="builtin:digits, builtin:rainfall, or a CSV/Parquet path")
+    table: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    features: list[str] = Field(min_length=1)
+    feature_dtype: Literal["float", "int"] = "float"
+    label: str
+    classes: list[int] = Field(min_length=2)
+    time_column: str | None = None
+    min_rows: int = Field(default=1, ge=1)
+    max_rows: int = Field(default=5_000_000, ge=1)
+    reference_rows: int | None = Field(default=None, ge=10, description="train on the first N rows only")
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+
+    @field_validator("features")
+    @classmethod
+    def _expand(cls, v: list[str]) -> list[str]:
+        names = expand_names(v)
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate feature names: {dupes}")
+        return names
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(p <= 0 for p in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError("train/val/test fractions must be positive and sum to 1")
+        return v
+
+    @model_validator(mode="after")
+    def _label_not_feature(self) -> "DatasetSpec":
+        if self.label in self.features:
+            raise ValueError(f"label {self.label!r} is also listed as a feature")
+        if self.min_rows > self.max_rows:
+            raise ValueError("min_rows is larger than max_rows")
+        return self
+
+
+class ModelSpec(_Strict):
+    kind: Literal["mlp"] = "mlp"
+    hidden: list[int] = Field(default=[128, 64])
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(h <= 0 for h in v):
+            raise ValueError("hidden layer sizes must be positive")
+        return v
+
+
+class TrainingSpec(_Strict):
+    epochs: int = Field(default=20, ge=1, le=10_000)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    workers: int = Field(default=2, ge=1)
+    cpus_per_worker: float = Field(default=0.5, gt=0)
+    use_gpu: bool = False
+    max_failures: int = Field(default=2, ge=0)
+    seed: int = 0
+
+
+_DISTRIBUTIONS = {"uniform", "loguniform", "choice", "randint", "quniform"}
+
+
+class SweepSpec(_Strict):
+    trials: int = Field(default=4, ge=1)
+    concurrency: int = Field(default=2, ge=1)
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    search: Literal["optuna", "random"] = "optuna"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(default=3, ge=1)
+    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("search_space")
+    @classmethod
+    def _known(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        tunable = {"lr", "hidden", "dropout", "batch_size", "weight_decay", "epochs"}
+        for name, dist in v.items():
+            if name not in tunable:
+                raise ValueError(f"{name}: not a tunable parameter (one of {sorted(tunable)})")
+            if len(dist) != 1:
+                raise ValueError(f"{name}: give exactly one distribution, e.g. {{loguniform: [1e-4, 1e-2]}}")
+            (kind, args), = dist.items()
+            if kind not in _DISTRIBUTIONS:
+                raise ValueError(f"{name}: unknown distribution {kind!r} (one of {sorted(_DISTRIBUTIONS)})")
+            if kind == "choice":
+                if not isinstance(args, list) or not args:
+                    raise ValueError(f"{name}: choice needs a non-empty list")
+            elif not (isinstance(args, list) and len(args) in (2, 3) and all(isinstance(a, (int, float)) for a in args)):
+                raise ValueError(f"{name}: {kind} needs [low, high]")
+            elif args[0] >= args[1]:
+                raise ValueError(f"{name}: low must be below high")
+            elif kind == "loguniform" and args[0] <= 0:
+                raise ValueError(f"{name}: loguniform needs a positive low")
+        return v
+
+
+class DetectorSpec(_Strict):
+    kind: Literal["ks", "cvm", "mmd", "lsdd", "bbsd", "cvm_online", "mmd_online"]
+    correction: Literal["bonferroni", "fdr"] = "bonferroni"
+    ert: int = Field(default=1000, ge=10, description="expected run time of an online detector")
+    window_sizes: list[int] = Field(default=[50])
+    n_permutations: int = Field(default=100, ge=10)
+
+
+class DriftSpec(_Strict):
+    window: int = Field(default=500, ge=10)
+    p_val: float = Field(default=0.05, gt=0, lt=1)
+    reference_rows: int = Field(default=1000, ge=10)
+    history: int = Field(default=20, ge=1, description="window results kept in /drift")
+    detectors: list[DetectorSpec] = Field(default_factory=lambda: [DetectorSpec(kind="bbsd"), DetectorSpec(kind="ks")])
+
+
+class PolicySpec(_Strict):
+    k: int = Field(default=2, ge=1, description="drift in k of the last m windows")
+    m: int = Field(default=3, ge=1)
+    online_alarm: bool = True
+    accuracy_floor: float | None = Field(default=None, ge=0, le=1)
+    new_labels: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _k_le_m(self) -> "PolicySpec":
+        if self.k > self.m:
+            raise ValueError("k must not exceed m")
+        return self
+
+
+class GateSpec(_Strict):
+    metric: Literal["accuracy"] = "accuracy"
+    min_improvement: float = Field(default=0.0, ge=-1, le=1)
+
+
+class RetrainSpec(_Strict):
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+    cooldown_s: float = Field(default=300, ge=0)
+    min_labelled_rows: int = Field(default=200, ge=0)
+    max_retries: int = Field(default=2, ge=0)
+    backoff_s: float = Field(default=10, ge=0)
+    sweep: bool = False
+    eval_fraction: float = Field(default=0.3, gt=0, lt=1, description="labelled production rows held out for the gate")
+    gate: GateSpec = Field(default_factory=GateSpec)
+
+
+class Spec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    task: Literal["classification"] = "classification"
+    dataset: DatasetSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    sweep: SweepSpec = Field(default_factory=SweepSpec)
+    drift: DriftSpec = Field(default_factory=DriftSpec)
+    retraining: RetrainSpec = Field(default_factory=RetrainSpec)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.dataset.features)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.dataset.classes)
+
+
+def _format(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "(root)"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {path}: {msg}{more}"
+
+
+def parse_spec(data: Any, where: str = "spec") -> Spec:
+    """Validate a spec mapping; raise SpecError naming the first bad field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format(err, where)) from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Load and validate configs/<name>.yaml."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: no such spec file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
+    return parse_spec(data, str(p))

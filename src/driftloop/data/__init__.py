@@ -1,0 +1,1 @@
+"""Versioned data: Delta tables, built-in examples, validation."""

@@ -1,0 +1,133 @@
+"""Delta Lake tables: every append is a new version, any version reads back exactly (time travel)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pandas as pd
+import pyarrow as pa
+
+
+class TableError(RuntimeError):
+    """A table operation that failed; nothing was written."""
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    """A pinned, reproducible reference to a table snapshot: what a model version records."""
+
+    uri: str
+    version: int
+    digest: str
+    rows: int
+
+    def as_dict(self) -> dict:
+        return {"uri": self.uri, "version": self.version, "digest": self.digest, "rows": self.rows}
+
+
+def _table(uri: str, version: int | None = None):
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return DeltaTable(uri, version=version)
+    except TableNotFoundError:
+        raise TableError(f"no Delta table at {uri}") from None
+    except Exception as err:  # deltalake raises a generic error for a version that does not exist
+        if version is not None and "version" in str(err).lower():
+            raise TableError(f"{uri}: no version {version}") from None
+        raise
+
+
+def exists(uri: str) -> bool:
+    from deltalake import DeltaTable
+
+    return DeltaTable.is_deltatable(uri)
+
+
+def append(uri: str, df: pd.DataFrame, metadata: dict[str, str] | None = None) -> int:
+    """Append one batch atomically as a new version and return that version's number."""
+    from deltalake import CommitProperties, write_deltalake
+
+    if len(df) == 0:
+        raise TableError("refusing to append an empty batch")
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    try:
+        write_deltalake(
+            uri,
+            table,
+            mode="append",
+            commit_properties=CommitProperties(custom_metadata=dict(metadata or {})),
+        )
+    except OSError as err:
+        raise TableError(f"cannot write to {uri}: {err}") from None
+    except Exception as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "permission denied" in msg.lower() or "read-only" in msg.lower():
+            raise TableError(f"cannot write to {uri}: permission denied") from None
+        if "schema" in msg.lower():
+            raise TableError(f"{uri}: batch schema does not match the table: {msg}") from None
+        raise TableError(f"cannot write to {uri}: {msg}") from None
+    # The version we created is the newest one that carries our commit; under concurrent writers
+    # another append may already be on top, so look it up by the unique batch id.
+    batch_id = (metadata or {}).get("batch_id")
+    dt = _table(uri)
+    if batch_id:
+        for h in dt.history(limit=50):
+            if h.get("batch_id") == batch_id:
+                return int(h["version"])
+    return int(dt.version())
+
+
+def read(uri: str, version: int | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a table at a version (latest when None), rows in the order they were appended."""
+    dt = _table(uri, version)
+    return dt.to_pandas(columns=columns)
+
+
+def digest(uri: str, version: int | None = None) -> str:
+    """A stable fingerprint of one version: its schema and the immutable data files it consists of."""
+    dt = _table(uri, version)
+    actions = dt.get_add_actions(flatten=True)
+    cols = actions.to_pydict() if hasattr(actions, "to_pydict") else pa.table(actions).to_pydict()
+    files = sorted(zip(cols["path"], cols["size_bytes"]))
+    h = hashlib.sha256(dt.schema().to_json().encode())
+    for path, size in files:
+        h.update(f"{path}:{size}\n".encode())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def data_version(uri: str, version: int | None = None) -> DataVersion:
+    """Pin a table version (latest when None) with its digest and row count."""
+    dt = _table(uri, version)
+    v = int(dt.version())
+    rows = sum(int(r) for r in _column(dt.get_add_actions(flatten=True), "num_records"))
+    return DataVersion(uri=uri, version=v, digest=digest(uri, v), rows=rows)
+
+
+def _column(batch, name: str) -> list:
+    d = batch.to_pydict() if hasattr(batch, "to_pydict") else pa.table(batch).to_pydict()
+    return d[name]
+
+
+def versions(uri: str) -> list[dict]:
+    """Every version of a table: number, commit time, rows in the snapshot, rows added, digest."""
+    dt = _table(uri)
+    out = []
+    for h in sorted(dt.history(), key=lambda r: r["version"]):
+        v = int(h["version"])
+        dv = data_version(uri, v)
+        ts = datetime.fromtimestamp(h["timestamp"] / 1000, tz=timezone.utc)
+        metrics = h.get("operationMetrics") or {}
+        out.append({
+            "version": v,
+            "timestamp": ts.isoformat(timespec="seconds"),
+            "operation": h.get("operation"),
+            "rows": dv.rows,
+            "added": int(metrics.get("num_added_rows", 0) or 0),
+            "digest": dv.digest,
+            "source": h.get("source", ""),
+        })
+    return out

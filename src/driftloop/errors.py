@@ -1,0 +1,15 @@
+"""The errors a user can cause: the CLI prints them as one line, the HTTP layer as a 4xx."""
+
+from __future__ import annotations
+
+from driftloop.config import SpecError
+from driftloop.data.ingest import SourceError
+from driftloop.data.tables import TableError
+from driftloop.data.validation import ValidationFailed
+
+
+class LoopError(RuntimeError):
+    """A step of the loop that cannot go on (no champion yet, unknown model, …)."""
+
+
+UserError = (SpecError, SourceError, TableError, ValidationFailed, LoopError)

@@ -1,0 +1,50 @@
+"""Where driftloop keeps its state. Resolved on call, never at import time."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The embedded defaults under one home folder, each overridable by an environment variable."""
+
+    home: Path
+    data_root: str
+    tracking_uri: str
+    ray_address: str | None
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "mlartifacts"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "state"
+
+    def table_uri(self, name: str) -> str:
+        """A Delta table's URI under the data root (a local folder or an object-store prefix)."""
+        return f"{self.data_root.rstrip('/')}/{name}"
+
+    def ensure(self) -> "Settings":
+        """Create the local folders the embedded defaults need (only when they are used)."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if "://" not in self.data_root:
+            Path(self.data_root).mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def get_settings() -> Settings:
+    """Read DRIFTLOOP_HOME, DRIFTLOOP_DATA_ROOT, MLFLOW_TRACKING_URI and RAY_ADDRESS now."""
+    home = Path(os.environ.get("DRIFTLOOP_HOME", ".driftloop")).expanduser().resolve()
+    data_root = os.environ.get("DRIFTLOOP_DATA_ROOT") or str(home / "tables")
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    return Settings(
+        home=home,
+        data_root=data_root,
+        tracking_uri=tracking,
+        ray_address=os.environ.get("RAY_ADDRESS") or None,
+    )

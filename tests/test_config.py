@@ -1,0 +1,58 @@
+import copy
+
+import pytest
+import yaml
+
+from driftloop.config import SpecError, load_spec, parse_spec
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def digits_dict():
+    return yaml.safe_load((ROOT / "configs/digits.yaml").read_text())
+
+
+def test_shipped_specs_load():
+    digits = load_spec(ROOT / "configs/digits.yaml")
+    assert digits.n_features == 64 and digits.dataset.features[-1] == "pixel_63"
+    assert digits.n_classes == 10
+    rain = load_spec(ROOT / "configs/rainfall.yaml")
+    assert rain.dataset.time_column == "day" and rain.n_classes == 2
+
+
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        (("training", "workers"), 0, "training.workers: Input should be greater than or equal to 1"),
+        (("sweep", "search_space", "lr"), {"gaussian": [0, 1]}, "sweep.search_space: lr: unknown distribution 'gaussian'"),
+        (("sweep", "search_space", "lr"), {"loguniform": [0.1, 0.01]}, "lr: low must be below high"),
+        (("dataset", "split"), [0.5, 0.5, 0.5], "dataset.split: train/val/test fractions"),
+        (("drift", "detectors"), [{"kind": "magic"}], "drift.detectors.0.kind"),
+        (("retraining", "policy", "k"), 5, "retraining.policy: Value error, k must not exceed m"),
+        (("model", "hiddden"), [3], "model.hiddden: Extra inputs are not permitted"),
+        (("dataset", "label"), "pixel_3", "label 'pixel_3' is also listed as a feature"),
+    ],
+)
+def test_bad_field_is_named(digits_dict, path, value, expected):
+    d = copy.deepcopy(digits_dict)
+    node = d
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    with pytest.raises(SpecError) as err:
+        parse_spec(d, "digits.yaml")
+    msg = str(err.value).replace("Value error, ", "")
+    assert msg.startswith("digits.yaml: ")
+    assert expected.replace("Value error, ", "") in msg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_spec(bad)

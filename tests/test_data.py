@@ -1,0 +1,117 @@
+import multiprocessing as mp
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from driftloop.config import load_spec
+from driftloop.data import examples, tables
+from driftloop.data.ingest import ingest, ingest_frame
+from driftloop.data.validation import ValidationFailed
+from tests.conftest import ROOT, run_cli
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_spec(ROOT / "configs/digits.yaml")
+
+
+def test_versions_time_travel_and_stable_digest(tmp_path, spec):
+    uri = str(tmp_path / "digits")
+    first = examples.builtin("digits").reference.iloc[:100]
+    assert ingest_frame(first, uri, spec.dataset, "test") == 0
+    d0 = tables.digest(uri, 0)
+    second = first.copy()
+    second["pixel_0"] = 5.0
+    assert ingest_frame(second, uri, spec.dataset, "test") == 1
+    back = tables.read(uri, 0)
+    pd.testing.assert_frame_equal(back, first.reset_index(drop=True), check_dtype=False)
+    assert len(tables.read(uri)) == 200
+    assert tables.digest(uri, 0) == d0 != tables.digest(uri, 1)
+    assert tables.data_version(uri).as_dict()["rows"] == 200
+    with pytest.raises(tables.TableError, match="no version 7"):
+        tables.read(uri, 7)
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda df: df.drop(columns=["pixel_5"]), "missing column(s): pixel_5"),
+        (lambda df: df.assign(pixel_3=np.where(df.index == 4, np.nan, df["pixel_3"])), "feature 'pixel_3' has 1 NaN/inf value(s), first at row 4"),
+        (lambda df: df.assign(pixel_3=np.inf), "feature 'pixel_3' has 20 NaN/inf"),
+        (lambda df: df.assign(digit=np.where(df.index == 0, 11, df["digit"])), "label 'digit' has value(s) outside"),
+        (lambda df: df.assign(pixel_9="x"), "feature 'pixel_9' is not numeric"),
+        (lambda df: df.iloc[:3], "row count 3 outside [10, 5000000]"),
+    ],
+)
+def test_failing_batch_appends_nothing(tmp_path, spec, mutate, expected):
+    uri = str(tmp_path / "digits")
+    base = examples.builtin("digits").reference.iloc[:20]
+    ingest_frame(base, uri, spec.dataset, "test")
+    with pytest.raises(ValidationFailed) as err:
+        ingest_frame(mutate(base.copy()), uri, spec.dataset, "test")
+    assert expected in str(err.value)
+    assert [v["version"] for v in tables.versions(uri)] == [0]
+
+
+def _append_worker(uri: str, seed: int, n: int) -> None:
+    spec = load_spec(ROOT / "configs/digits.yaml")
+    df = examples.builtin("digits").reference.sample(n=20, random_state=seed)
+    for _ in range(n):
+        ingest_frame(df, uri, spec.dataset, f"proc-{seed}")
+
+
+def test_concurrent_appends_from_two_processes_all_land(tmp_path, spec):
+    uri = str(tmp_path / "digits")
+    ingest_frame(examples.builtin("digits").reference.iloc[:20], uri, spec.dataset, "seed")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_append_worker, args=(uri, s, 5)) for s in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    vs = tables.versions(uri)
+    assert [v["version"] for v in vs] == list(range(11))
+    assert vs[-1]["rows"] == 20 * 11
+    assert sorted(v["source"] for v in vs).count("proc-1") == 5
+
+
+def test_cli_ingest_twice_then_time_travel(home):
+    r0 = run_cli("data", "ingest", "digits", "--table", "digits")
+    r1 = run_cli("data", "ingest", "digits", "--table", "digits")
+    assert (r0.returncode, r1.returncode) == (0, 0), r0.stderr + r1.stderr
+    assert r0.stdout.strip() == "digits: version 0" and r1.stdout.strip() == "digits: version 1"
+    listing = run_cli("data", "versions", "digits")
+    lines = listing.stdout.strip().splitlines()[1:]
+    assert [ln.split()[0] for ln in lines] == ["0", "1"]
+    assert all("sha256:" in ln for ln in lines)
+    show = run_cli("data", "show", "digits", "--version", "0")
+    assert "version 0: 1300 rows" in show.stdout
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda df: df.drop(columns=["pixel_7"]), "missing column(s): pixel_7"),
+        (lambda df: df.assign(pixel_2=np.nan), "feature 'pixel_2' has"),
+        (lambda df: df.assign(digit=42), "label 'digit' has value(s) outside"),
+    ],
+)
+def test_cli_rejects_bad_csv_with_one_line(home, tmp_path, mutate, expected):
+    assert run_cli("data", "ingest", "digits", "--table", "digits").returncode == 0
+    path = tmp_path / "batch.csv"
+    mutate(examples.builtin("digits").pool.iloc[:50].copy()).to_csv(path, index=False)
+    r = run_cli("data", "ingest", str(path), "--table", "digits")
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
+    versions = run_cli("data", "versions", "digits").stdout.strip().splitlines()[1:]
+    assert len(versions) == 1
+
+
+def test_cli_unknown_source_and_table(home):
+    r = run_cli("data", "ingest", "nowhere.csv", "--table", "digits")
+    assert r.returncode == 2 and "no such file" in r.stderr
+    r = run_cli("data", "versions", "nothing")
+    assert r.returncode == 2 and "no Delta table" in r.stderr
