@@ -44,7 +44,6 @@ class DatasetSpec(_Strict):
     time_column: str | None = None
     min_rows: int = Field(default=1, ge=1)
     max_rows: int = Field(default=5_000_000, ge=1)
-    reference_rows: int | None = Field(default=None, ge=10, description="train on the first N rows only")
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 0
 
@@ -95,6 +94,7 @@ class TrainingSpec(_Strict):
     cpus_per_worker: float = Field(default=0.5, gt=0)
     use_gpu: bool = False
     max_failures: int = Field(default=2, ge=0)
+    checkpoint_every: int = Field(default=5, ge=1, description="epochs between checkpoints (the last is always kept)")
     seed: int = 0
 
 

@@ -1,0 +1,1 @@
+"""Drift: alibi-detect detectors behind one interface, windows and the retraining policy."""

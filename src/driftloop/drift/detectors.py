@@ -1,0 +1,146 @@
+"""alibi-detect detectors behind one interface: fitted on a model's reference data at training time,
+saved with `save_detector` (config format) next to the model, loaded at serve time.
+
+Importing alibi-detect costs ~10 s, so it only happens inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from driftloop.config import DetectorSpec, DriftSpec
+
+MANIFEST = "detectors.json"
+ONLINE_KINDS = {"cvm_online", "mmd_online"}
+
+
+@dataclass
+class DetectorResult:
+    """One detector's verdict on one window (or one online update)."""
+
+    name: str
+    kind: str
+    is_drift: bool
+    p_val: float | None
+    distance: float | None
+    threshold: float | None
+    drifted_features: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _input_of(kind: str) -> str:
+    return "proba" if kind == "bbsd" else "features"
+
+
+def _build(d: DetectorSpec, x_ref: np.ndarray, p_val: float):
+    """Construct (fit) one alibi-detect detector on its reference data."""
+    from alibi_detect.cd import CVMDrift, KSDrift, LSDDDrift, MMDDrift
+
+    if d.kind in ("ks", "bbsd"):
+        return KSDrift(x_ref, p_val=p_val, correction=d.correction)
+    if d.kind == "cvm":
+        return CVMDrift(x_ref, p_val=p_val, correction=d.correction)
+    if d.kind == "mmd":
+        return MMDDrift(x_ref, backend="pytorch", p_val=p_val, n_permutations=d.n_permutations)
+    if d.kind == "lsdd":
+        return LSDDDrift(x_ref, backend="pytorch", p_val=p_val, n_permutations=d.n_permutations)
+    if d.kind == "cvm_online":
+        from alibi_detect.cd import CVMDriftOnline
+
+        return CVMDriftOnline(x_ref, ert=d.ert, window_sizes=d.window_sizes, verbose=False)
+    if d.kind == "mmd_online":
+        from alibi_detect.cd import MMDDriftOnline
+
+        return MMDDriftOnline(x_ref, ert=d.ert, window_size=d.window_sizes[0], backend="pytorch", verbose=False)
+    raise ValueError(f"unknown detector kind {d.kind!r}")
+
+
+def fit_detectors(
+    drift: DriftSpec, x_ref: np.ndarray, proba_ref: np.ndarray, features: list[str], out_dir: str | Path, seed: int = 0
+) -> Path:
+    """Fit every detector of the spec on the reference sample and save them with a manifest."""
+    from alibi_detect.saving import save_detector
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    if len(x_ref) > drift.reference_rows:
+        keep = np.sort(rng.choice(len(x_ref), drift.reference_rows, replace=False))
+        x_ref, proba_ref = x_ref[keep], proba_ref[keep]
+    entries = []
+    for i, d in enumerate(drift.detectors):
+        name = f"{i}-{d.kind}"
+        ref = (proba_ref if _input_of(d.kind) == "proba" else x_ref).astype(np.float32)
+        det = _build(d, ref, drift.p_val)
+        save_detector(det, out / name)
+        entries.append({"name": name, "kind": d.kind, "input": _input_of(d.kind), "online": d.kind in ONLINE_KINDS})
+    manifest = {"features": features, "p_val": drift.p_val, "window": drift.window, "reference_rows": int(len(x_ref)),
+                "detectors": entries}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+class LoadedDetector:
+    """A saved detector with the uniform predict(features, proba) -> DetectorResult interface."""
+
+    def __init__(self, entry: dict[str, Any], detector: Any, features: list[str], proba_names: list[str]):
+        self.name = entry["name"]
+        self.kind = entry["kind"]
+        self.input = entry["input"]
+        self.online = bool(entry["online"])
+        self._det = detector
+        self._names = features if self.input == "features" else proba_names
+
+    def _x(self, features: np.ndarray, proba: np.ndarray) -> np.ndarray:
+        return np.asarray(features if self.input == "features" else proba, dtype=np.float32)
+
+    def predict(self, features: np.ndarray, proba: np.ndarray) -> DetectorResult:
+        """Two-sample test of one window against the reference."""
+        out = self._det.predict(self._x(features, proba), return_p_val=True, return_distance=True)["data"]
+        p = np.atleast_1d(np.asarray(out.get("p_val"), dtype=np.float64))
+        dist = np.atleast_1d(np.asarray(out.get("distance"), dtype=np.float64))
+        thr = float(out["threshold"]) if out.get("threshold") is not None else None
+        drifted = [self._names[i] for i in np.flatnonzero(p < thr)] if (p.size > 1 and thr is not None) else []
+        return DetectorResult(self.name, self.kind, bool(out["is_drift"]), float(p.min()), float(dist.max()), thr, drifted)
+
+    def update(self, features: np.ndarray, proba: np.ndarray) -> DetectorResult | None:
+        """Feed rows to an online detector one by one; return the first alarm, if any."""
+        last = None
+        for row in self._x(features, proba):
+            out = self._det.predict(row, return_test_stat=True)["data"]
+            stat = np.asarray(out.get("test_stat"), dtype=np.float64)
+            thr = np.asarray(out.get("threshold"), dtype=np.float64)
+            last = DetectorResult(self.name, self.kind, bool(out["is_drift"]),
+                                  None, float(np.max(stat)) if stat.size else None,
+                                  float(np.max(thr)) if thr.size else None)
+            if last.is_drift:
+                return last
+        return last
+
+    def reset(self) -> None:
+        if self.online and hasattr(self._det, "reset_state"):
+            self._det.reset_state()
+
+    @property
+    def time(self) -> int:
+        return int(getattr(self._det, "t", 0))
+
+
+def load_detectors(path: str | Path, n_classes: int | None = None) -> tuple[list[LoadedDetector], dict[str, Any]]:
+    """Load the detectors saved next to a model version, with their manifest."""
+    from alibi_detect.saving import load_detector
+
+    root = Path(path)
+    manifest = json.loads((root / MANIFEST).read_text())
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    proba_names = [f"p_{i}" for i in range(n_classes or 0)] or ["p"]
+    dets = [LoadedDetector(e, load_detector(root / e["name"]), manifest["features"], proba_names) for e in manifest["detectors"]]
+    return dets, manifest

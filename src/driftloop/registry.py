@@ -1,0 +1,279 @@
+"""MLflow tracking and registry: the model bundle (model + detectors), the promotion gate, aliases.
+
+Every decision is recorded on the model version as tags: `gate.decision` (promoted, refused,
+manual, rollback), both scores and the data version they were computed on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from driftloop.config import Spec
+from driftloop.data.tables import DataVersion
+from driftloop.errors import LoopError
+from driftloop.settings import Settings
+
+CHAMPION = "champion"
+HISTORY_TAG = "champion_history"
+
+
+def configure(settings: Settings) -> None:
+    """Point MLflow at the settings' tracking store (sqlite under DRIFTLOOP_HOME by default)."""
+    import mlflow
+
+    settings.ensure()
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+
+
+def client(settings: Settings):
+    from mlflow import MlflowClient
+
+    configure(settings)
+    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+
+
+def experiment_id(settings: Settings, spec_name: str) -> str:
+    """The experiment `driftloop-<model>`; local stores keep artifacts under DRIFTLOOP_HOME."""
+    c = client(settings)
+    name = f"driftloop-{spec_name}"
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not settings.tracking_uri.startswith(("http://", "https://", "databricks")):
+        location = (settings.artifacts_dir / spec_name).as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def log_data_input(c, run_id: str, spec: Spec, dv: DataVersion, sample) -> None:
+    """Record the data version as an MLflow dataset input (table URI, Delta version, digest)."""
+    import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+
+    ds = mlflow.data.from_pandas(sample, source=dv.uri, targets=spec.dataset.label,
+                                 name=f"{spec.dataset.table}@v{dv.version}", digest=dv.digest.removeprefix("sha256:"))
+    c.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])])
+    for k, v in {"data.uri": dv.uri, "data.version": dv.version, "data.digest": dv.digest, "data.rows": dv.rows}.items():
+        c.set_tag(run_id, k, str(v))
+
+
+@dataclass
+class Bundle:
+    """A registered model version with where its model and detectors live."""
+
+    name: str
+    version: int
+    run_id: str
+    model_uri: str
+    tags: dict[str, str]
+
+
+def register_bundle(
+    settings: Settings, spec: Spec, classifier, detectors_dir: Path, dv: DataVersion, run_id: str,
+    metrics: dict[str, float], extra_tags: dict[str, str] | None = None,
+) -> Bundle:
+    """Log the model once (torch.export format) with its detectors as artifacts of the same model, and register it."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    from driftloop.model import Probabilities, predict_proba
+
+    configure(settings)
+    c = client(settings)
+    proba_model = Probabilities(classifier).eval()
+    example = np.zeros((2, spec.n_features), dtype=np.float32)
+    signature = infer_signature(example, predict_proba(proba_model, example))
+    meta = {"features": spec.dataset.features, "classes": spec.dataset.classes, "label": spec.dataset.label,
+            "data": dv.as_dict(), "spec": spec.model_dump(mode="json")}
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(proba_model, name="model", input_example=example, signature=signature,
+                                        metadata=meta, serialization_format="pt2", pip_requirements=[])
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(detectors_dir, Path(tmp) / "detectors")
+        c.log_model_artifacts(info.model_id, tmp)
+    tags = {
+        "data.uri": dv.uri, "data.version": str(dv.version), "data.digest": dv.digest, "data.rows": str(dv.rows),
+        "run_id": run_id, "git_commit": git_commit() or "", "features": json.dumps(spec.dataset.features),
+        "classes": json.dumps(spec.dataset.classes),
+        **{f"metric.{k}": f"{v:.6f}" for k, v in metrics.items()}, **(extra_tags or {}),
+    }
+    try:
+        c.create_registered_model(spec.name)
+    except Exception:
+        pass  # already exists
+    mv = c.create_model_version(spec.name, source=f"models:/{info.model_id}", run_id=run_id, tags=tags)
+    _wait_ready(c, spec.name, mv.version)
+    return Bundle(spec.name, int(mv.version), run_id, f"models:/{spec.name}/{mv.version}", tags)
+
+
+def _wait_ready(c, name: str, version: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if c.get_model_version(name, version).status == "READY":
+            return
+        time.sleep(0.2)
+    raise LoopError(f"model {name} version {version} did not become READY")
+
+
+def champion_version(settings: Settings, name: str) -> int | None:
+    """The version the `champion` alias points at, or None before the first promotion."""
+    c = client(settings)
+    try:
+        return int(c.get_model_version_by_alias(name, CHAMPION).version)
+    except Exception:
+        return None
+
+
+def download(settings: Settings, name: str, version: int, dst: str | Path | None = None) -> Path:
+    """Download a model version's artifacts (model + detectors) to a local folder."""
+    import mlflow
+
+    configure(settings)
+    target = Path(dst or tempfile.mkdtemp(prefix=f"{name}-v{version}-"))
+    target.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(target)))
+
+
+def load_model(path: str | Path):
+    """Load a downloaded model (torch.export archive; MLflow refuses pickle payloads in it)."""
+    import mlflow.pytorch
+
+    return mlflow.pytorch.load_model(str(path))
+
+
+# --- the promotion gate -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    challenger_score: float
+    champion_score: float | None
+
+
+def decide(challenger: float, champion: float | None, min_improvement: float) -> Decision:
+    """Promote the first version; otherwise only a challenger that beats the champion by the margin.
+
+    With a margin of 0 a tie is refused: replacing a model costs a swap and buys nothing.
+    """
+    if champion is None:
+        return Decision(True, "first version", challenger, None)
+    if np.isnan(challenger):
+        return Decision(False, "challenger score is NaN", challenger, champion)
+    gain = challenger - champion
+    ok = gain >= min_improvement if min_improvement > 0 else gain > min_improvement
+    verdict = "beats" if ok else "does not beat"
+    return Decision(ok, f"{verdict} champion: {challenger:.4f} vs {champion:.4f} ({gain:+.4f}, needs {min_improvement:+.4f})",
+                    challenger, champion)
+
+
+def _history(c, name: str) -> list[int]:
+    rm = c.get_registered_model(name)
+    return [int(v) for v in json.loads(rm.tags.get(HISTORY_TAG, "[]"))]
+
+
+def _move_alias(c, name: str, version: int) -> None:
+    hist = _history(c, name)
+    c.set_registered_model_alias(name, CHAMPION, str(version))
+    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps((hist + [version])[-50:]))
+
+
+def record_decision(c, name: str, version: int, decision: str, reason: str, challenger: float | None,
+                    champion: float | None, champion_version: int | None, data: str) -> None:
+    tags = {"gate.decision": decision, "gate.reason": reason, "gate.data": data,
+            "gate.challenger_score": "" if challenger is None else f"{challenger:.6f}",
+            "gate.champion_score": "" if champion is None else f"{champion:.6f}",
+            "gate.champion_version": "" if champion_version is None else str(champion_version),
+            "gate.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for k, v in tags.items():
+        c.set_model_version_tag(name, str(version), k, v)
+
+
+def gate_and_promote(settings: Settings, spec: Spec, version: int, x_eval: np.ndarray, y_eval: np.ndarray,
+                     eval_label: str) -> Decision:
+    """Score challenger and champion on the same evaluation rows; move the alias only if the gate passes."""
+    from driftloop.model import accuracy, predict_proba
+
+    c = client(settings)
+    champ = champion_version(settings, spec.name)
+    challenger_model = load_model(download(settings, spec.name, version))
+    ch_score = accuracy(predict_proba(challenger_model, x_eval), y_eval, spec.dataset.classes)
+    champ_score = None
+    if champ is not None and champ != version:
+        champion_model = load_model(download(settings, spec.name, champ))
+        champ_score = accuracy(predict_proba(champion_model, x_eval), y_eval, spec.dataset.classes)
+    d = decide(ch_score, champ_score, spec.retraining.gate.min_improvement)
+    if d.promote:
+        _move_alias(c, spec.name, version)
+    record_decision(c, spec.name, version, "promoted" if d.promote else "refused", d.reason, ch_score, champ_score, champ, eval_label)
+    return d
+
+
+def promote(settings: Settings, name: str, version: int, reason: str = "manual") -> None:
+    """Force the champion alias onto a version (recorded as manual)."""
+    c = client(settings)
+    c.get_model_version(name, str(version))  # raises for an unknown version
+    prev = champion_version(settings, name)
+    _move_alias(c, name, version)
+    record_decision(c, name, version, "manual", reason, None, None, prev, "")
+
+
+def rollback(settings: Settings, name: str) -> int:
+    """Move the champion back to the previous champion; returns the version now serving."""
+    c = client(settings)
+    hist = _history(c, name)
+    current = champion_version(settings, name)
+    previous = [v for v in hist if v != current]
+    if not previous:
+        raise LoopError(f"{name}: no previous champion to roll back to")
+    target = previous[-1]
+    c.set_registered_model_alias(name, CHAMPION, str(target))
+    trimmed = hist[: len(hist) - 1 - hist[::-1].index(target)] + [target] if target in hist else hist + [target]
+    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(trimmed[-50:]))
+    record_decision(c, name, target, "rollback", f"rolled back from version {current}", None, None, current, "")
+    return target
+
+
+def list_versions(settings: Settings, name: str) -> list[dict[str, Any]]:
+    """Every version with its scores, data version, gate decision and whether it is champion."""
+    c = client(settings)
+    champ = champion_version(settings, name)
+    rows = []
+    for mv in sorted(c.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version)):
+        t = mv.tags
+        rows.append({
+            "version": int(mv.version), "champion": int(mv.version) == champ,
+            "test_accuracy": t.get("metric.test_accuracy", ""), "data": f"{t.get('data.uri', '')}@v{t.get('data.version', '')}",
+            "digest": t.get("data.digest", ""), "decision": t.get("gate.decision", ""), "reason": t.get("gate.reason", ""),
+            "challenger_score": t.get("gate.challenger_score", ""), "champion_score": t.get("gate.champion_score", ""),
+            "run_id": mv.run_id, "drift_event": t.get("lineage.drift_event", ""), "job_id": t.get("lineage.job_id", ""),
+            "created": mv.creation_timestamp,
+        })
+    return rows
+
+
+def version_tags(settings: Settings, name: str, version: int) -> dict[str, str]:
+    return dict(client(settings).get_model_version(name, str(version)).tags)
