@@ -110,6 +110,175 @@ def data_show(
     typer.echo(df.head(limit).to_string())
 
 
+@app.command("sweep")
+@clean_errors
+def sweep_cmd(
+    config: Path = typer.Argument(..., help="model spec, e.g. configs/digits.yaml"),
+    data_version: Optional[int] = typer.Option(None, "--data-version", help="table version to train on (default: latest)"),
+    as_json: bool = typer.Option(False, "--json", help="print the outcome as one JSON object"),
+) -> None:
+    """Run a Ray Tune sweep (each trial a Ray Train TorchTrainer), register the best, gate and promote it."""
+    from driftloop.config import load_spec
+    from driftloop.settings import get_settings
+    from driftloop.sweep import run_sweep
+
+    spec = load_spec(config)
+    o = run_sweep(spec, get_settings(), data_version, verbose=0 if as_json else 1)
+    out = {"model": spec.name, "version": o.version, "promoted": o.promoted, "reason": o.reason,
+           "best_config": o.best_config, "best_metrics": o.best_metrics, "trials": o.trials,
+           "data": o.data.as_dict(), "parent_run_id": o.parent_run_id, "seconds": round(o.seconds, 1)}
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"{spec.name}: {o.trials} trials in {o.seconds:.0f}s; best {o.best_config} -> {o.best_metrics}")
+    verdict = "promoted to champion" if o.promoted else "refused"
+    typer.echo(f"registered version {o.version} ({verdict}: {o.reason}); data {o.data.uri}@v{o.data.version} {o.data.digest}")
+
+
+@app.command("models")
+@clean_errors
+def models_cmd(name: str = typer.Argument(..., help="model name"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """List a model's versions: scores, data versions, gate decisions, and which one is champion."""
+    from driftloop.registry import list_versions
+    from driftloop.settings import get_settings
+
+    rows = list_versions(get_settings(), name)
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        _fail(f"no registered versions of model {name!r}")
+    typer.echo(f"{'ver':>4} {'champ':<6} {'test_acc':>9}  {'decision':<9} {'data':<40} reason")
+    for r in rows:
+        data = r["data"] if len(r["data"]) <= 40 else "…" + r["data"][-39:]
+        typer.echo(f"{r['version']:>4} {'*' if r['champion'] else '':<6} {r['test_accuracy']:>9}  {r['decision']:<9} {data:<40} {r['reason']}")
+
+
+@app.command("promote")
+@clean_errors
+def promote_cmd(name: str = typer.Argument(...), version: int = typer.Argument(...),
+                reason: str = typer.Option("manual", "--reason")) -> None:
+    """Force the champion alias onto VERSION (recorded as a manual decision)."""
+    from driftloop.errors import LoopError
+    from driftloop.registry import promote
+    from driftloop.settings import get_settings
+
+    try:
+        promote(get_settings(), name, version, reason)
+    except Exception as err:
+        if isinstance(err, LoopError):
+            raise
+        raise LoopError(f"cannot promote {name} version {version}: {str(err).splitlines()[0]}") from None
+    typer.echo(f"{name}: champion is now version {version}")
+
+
+@app.command("rollback")
+@clean_errors
+def rollback_cmd(name: str = typer.Argument(...)) -> None:
+    """Move the champion alias back to the previous champion."""
+    from driftloop.registry import rollback
+    from driftloop.settings import get_settings
+
+    v = rollback(get_settings(), name)
+    typer.echo(f"{name}: champion rolled back to version {v}")
+
+
+@app.command("serve")
+@clean_errors
+def serve_cmd(
+    file: Path = typer.Argument(..., help="Serve config, e.g. serve_configs/digits.yaml"),
+    wait_s: float = typer.Option(300, "--wait", help="seconds to wait for the applications to be RUNNING"),
+) -> None:
+    """Deploy the champion of each model in FILE with its drift monitor (starts local Ray on 127.0.0.1 if needed)."""
+    from driftloop.serving.deploy import deploy_file
+
+    for name, url in deploy_file(file, wait_s).items():
+        typer.echo(f"{name}: {url}/predict  (drift: {url}/drift, docs: {url}/docs)")
+
+
+@app.command("replay")
+@clean_errors
+def replay_cmd(
+    app_name: str = typer.Argument(..., metavar="APP", help="application name (route prefix), e.g. digits"),
+    scenario: str = typer.Option("clean", "--scenario", help="clean | corrupt:KIND:SEVERITY (noise, blur, contrast, shift, dropout; 1-5)"),
+    rows: int = typer.Option(500, "--rows", min=1, max=1_000_000),
+    rps: float = typer.Option(50.0, "--rps", min=0.1, max=10_000),
+    labels: bool = typer.Option(False, "--labels", help="post each row's ground truth to /feedback"),
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", envvar="DRIFTLOOP_SERVE_URL"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Send real HTTP traffic from the examples (with a corruption from the first row) and print what came back."""
+    from driftloop.replay import replay
+
+    rep = replay(url, app_name, scenario, rows, rps, labels, seed)
+    typer.echo(json.dumps(rep.summary()))
+    if rep.failed:
+        raise typer.Exit(1)
+
+
+@app.command("status")
+@clean_errors
+def status_cmd(
+    name: str = typer.Argument(..., help="model name"),
+    url: Optional[str] = typer.Option(None, "--url", envvar="DRIFTLOOP_SERVE_URL", help="also ask the live app's /drift"),
+    events: int = typer.Option(10, "--events", help="drift events to show"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Champion, drift history (drift_events table), retraining jobs and lineage of a model."""
+    from driftloop.status import model_status, render
+
+    st = model_status(name, url, events)
+    typer.echo(json.dumps(st, default=str) if as_json else render(st))
+
+
+@app.command("retrain")
+@clean_errors
+def retrain_cmd(
+    config: Path = typer.Argument(..., help="model spec, e.g. configs/digits.yaml"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for the job to finish"),
+) -> None:
+    """Manually trigger retraining: submits the retraining Ray job (same id rules as drift triggers)."""
+    from driftloop.config import load_spec
+    from driftloop.drift.policy import Trigger
+    from driftloop.registry import champion_version
+    from driftloop.retrain import JobTracker
+    from driftloop.settings import get_settings
+
+    import time as _t
+
+    spec = load_spec(config)
+    s = get_settings()
+    from driftloop.cluster import ensure_ray
+
+    ensure_ray(s)
+    tracker = JobTracker(spec, s)
+    out = tracker.submit(Trigger("manual trigger (CLI)", _t.time(), champion_version(s, spec.name)), None)
+    job = out["job"]
+    typer.echo(f"{spec.name}: retraining job {job['submission_id']} ({'submitted' if out['submitted'] else out['why']})")
+    while wait:
+        job = tracker.tick()
+        if job and job.get("final"):
+            typer.echo(f"{spec.name}: job {job['submission_id']} {job['status']}")
+            if job["status"] != "SUCCEEDED":
+                raise typer.Exit(1)
+            break
+        _t.sleep(2)
+
+
+@app.command("demo")
+@clean_errors
+def demo_cmd(
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+    out: Path = typer.Option(Path("demo-out"), "--out", help="folder for the timeline PNG and summary"),
+    quick: bool = typer.Option(False, "--quick", help="smaller sweep and traffic (for tests)"),
+) -> None:
+    """Run the whole loop: ingest, sweep, promote, serve, clean then drifted traffic, drift → retrain job → swap."""
+    from driftloop.demo import run_demo
+
+    summary = run_demo(out, quick=quick, quiet=as_json)
+    typer.echo(json.dumps(summary) if as_json else "\n".join(f"{k:<28} {v}" for k, v in summary.items()))
+
+
 def main() -> None:
     """Entry point of the `driftloop` console script."""
     app()

@@ -31,6 +31,7 @@ def ensure_ray(settings: Settings, namespace: str = "driftloop") -> None:
         num_cpus=max(LOCAL_CPUS, os.cpu_count() or 1),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
         namespace=namespace,
         runtime_env=runtime_env,
         log_to_driver=False,

@@ -1,0 +1,245 @@
+"""`driftloop demo`: the whole loop on the embedded default, with a summary and a drift timeline plot.
+
+Traffic design (so that before/after accuracies are honest): the 497 held-out digits are split in two.
+The *traffic* part produces labelled production rows (they may end up in the retraining data); the
+*evaluation* part is replayed, identically corrupted, once before and once after the swap and is never
+labelled, so the two accuracies are on the same unseen rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from driftloop.data import examples
+
+CORRUPTION = ("noise", 3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _say(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: float = 480) -> dict[str, Any]:
+    from driftloop.config import load_spec, parse_spec
+    from driftloop.settings import get_settings
+
+    base = get_settings()
+    home = base.home / "demo"
+    shutil.rmtree(home, ignore_errors=True)
+    os.environ["DRIFTLOOP_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None) if "MLFLOW_TRACKING_URI" not in os.environ else None
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("DRIFTLOOP_POLL_S", "1.0")
+    s = get_settings().ensure()
+    root = Path(__file__).resolve().parents[2]
+    spec_path = Path("configs/digits.yaml") if Path("configs/digits.yaml").is_file() else root.parent / "configs/digits.yaml"
+    spec = load_spec(spec_path)
+    d = spec.model_dump(mode="json")
+    if quick:
+        d["sweep"]["trials"], d["training"]["epochs"] = 2, 8
+    d["retraining"]["min_labelled_rows"] = 400
+    d["retraining"]["cooldown_s"] = 60
+    spec = parse_spec(d, "demo spec")
+    out.mkdir(parents=True, exist_ok=True)
+    (s.state_dir / "demo-spec.json").write_text(json.dumps(d))
+
+    import ray
+    from ray import serve
+
+    from driftloop import registry
+    from driftloop.cluster import ensure_ray
+    from driftloop.data.ingest import ingest
+    from driftloop.sweep import run_sweep
+
+    t_start = time.monotonic()
+    try:
+        _say(quiet, f"starting local Ray (dashboard on 127.0.0.1), home {home}")
+        ensure_ray(s)
+        v0 = ingest("digits", s.table_uri(spec.dataset.table), spec.dataset)
+        _say(quiet, f"ingested digits: table version {v0}")
+        _say(quiet, f"sweep: {spec.sweep.trials} trials x {spec.training.workers} workers (Ray Tune + Ray Train)")
+        sw = run_sweep(spec, s, verbose=0)
+        champion_before = registry.champion_version(s, spec.name)
+        _say(quiet, f"sweep done in {sw.seconds:.0f}s: version {sw.version} champion (test accuracy {sw.best_metrics.get('test_accuracy', 0):.3f})")
+
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        from driftloop.serving.app import DriftMonitor, Predictor
+
+        spec_file = s.state_dir / "demo-spec.yaml"
+        spec_file.write_text(json.dumps(d))
+        serve.run(Predictor.bind(DriftMonitor.bind(d), d, True, 256), name=spec.name, route_prefix=f"/{spec.name}")
+        url = f"http://127.0.0.1:{port}"
+        _say(quiet, f"serving {url}/{spec.name}/predict (2 replicas + drift monitor)")
+        summary = asyncio.run(_traffic(url, spec, quiet, timeout_s))
+        summary["champion_before"] = champion_before
+        summary["champion_after"] = registry.champion_version(s, spec.name)
+        summary["sweep_seconds"] = round(sw.seconds, 1)
+        summary["total_seconds"] = round(time.monotonic() - t_start, 1)
+        png = _plot(summary, out / "drift_timeline.png")
+        summary["timeline_png"] = str(png)
+        _log_to_mlflow(s, spec, summary, png)
+        keys = ["detection_delay_rows", "accuracy_drifted_before", "accuracy_drifted_after", "seconds_onset_to_swap",
+                "retrain_job_id", "champion_before", "champion_after"]
+        result = {k: summary[k] for k in keys} | {k: summary[k] for k in ("accuracy_clean", "failed_requests", "timeline_png", "total_seconds")}
+        (out / "summary.json").write_text(json.dumps(result, indent=2))
+        return result
+    finally:
+        _say(quiet, "stopping Serve and Ray")
+        try:
+            serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()
+
+
+async def _traffic(url: str, spec, quiet: bool, timeout_s: float) -> dict[str, Any]:
+    import httpx
+
+    from driftloop.replay import replay_async
+
+    ex = examples.builtin("digits")
+    pool = ex.pool
+    cut = int(len(pool) * 0.6)
+    traffic_pool, eval_pool = pool.iloc[:cut].reset_index(drop=True), pool.iloc[cut:].reset_index(drop=True)
+    feats, label = examples.DIGITS_FEATURES, "digit"
+    window = spec.drift.window
+    kind, sev = CORRUPTION
+    rows_seen = 0
+    timeline: list[dict] = []
+
+    async def drift_state() -> dict:
+        async with httpx.AsyncClient(timeout=30) as c:
+            return (await c.get(f"{url}/{spec.name}/drift")).json()
+
+    # 1. clean traffic: two full windows, labelled
+    clean = examples.digits_stream(traffic_pool, 2 * window, onset=None, seed=1)
+    r_clean = await replay_async(url, spec.name, clean, feats, label, rps=0, labels=True, concurrency=16)
+    rows_seen += r_clean.sent
+    _say(quiet, f"clean traffic: {r_clean.ok}/{r_clean.sent} ok, accuracy {r_clean.accuracy:.3f}")
+    await asyncio.sleep(1.5)
+    st = await drift_state()
+    onset_row = st["samples"]
+    t_onset = time.monotonic()
+    _say(quiet, f"drift onset at row {onset_row}: {kind} severity {sev} from now on")
+
+    # 2. drifted evaluation rows (unlabelled) with the old champion
+    eval_stream = examples.digits_stream(eval_pool, window, onset=0, kind=kind, severity=sev, seed=99)
+    r_before = await replay_async(url, spec.name, eval_stream, feats, label, rps=0, labels=False, concurrency=16)
+    _say(quiet, f"drifted traffic on the champion: accuracy {r_before.accuracy:.3f}")
+
+    # 3. drifted labelled traffic until the new champion answers
+    old_version = st["model_version"]
+    job_id, detection_row, t_swap, failed = None, None, None, r_clean.failed + r_before.failed
+    seed = 200
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        chunk = examples.digits_stream(traffic_pool, 100, onset=0, kind=kind, severity=sev, seed=seed)
+        seed += 1
+        r = await replay_async(url, spec.name, chunk, feats, label, rps=60, labels=True, concurrency=8)
+        failed += r.failed
+        st = await drift_state()
+        for ev in st["recent"]:
+            timeline.append(ev)
+        if detection_row is None:
+            hit = [e for e in st["recent"] if e["is_drift"]]
+            if hit:
+                detection_row = st["samples"] - st["window"]["fill"] - onset_row
+                _say(quiet, f"drift detected {detection_row} rows after onset; policy: {st['policy']['pending'] or 'fired'}")
+        job = (st.get("retraining") or {}).get("current")
+        if job and job_id != job["submission_id"]:
+            job_id = job["submission_id"]
+            _say(quiet, f"retraining job {job_id} ({job['status']}): {job['reason']}")
+        if max(int(k) for k in r.versions) != old_version if r.versions else False:
+            t_swap = time.monotonic()
+            _say(quiet, f"new champion answering: versions seen {r.versions}")
+            break
+        if job and job.get("final") and job["status"] != "SUCCEEDED":
+            _say(quiet, f"retraining job ended {job['status']}")
+            break
+    await asyncio.sleep(0.5)
+    # 4. the same drifted evaluation rows on the new champion
+    r_after = await replay_async(url, spec.name, eval_stream, feats, label, rps=0, labels=False, concurrency=16)
+    failed += r_after.failed
+    _say(quiet, f"drifted traffic on the new champion: accuracy {r_after.accuracy:.3f}")
+    st = await drift_state()
+    seen = {e["event_id"]: e for e in timeline + st["recent"]}
+    return {
+        "detection_delay_rows": detection_row,
+        "accuracy_clean": round(r_clean.accuracy, 4),
+        "accuracy_drifted_before": round(r_before.accuracy, 4),
+        "accuracy_drifted_after": round(r_after.accuracy, 4),
+        "seconds_onset_to_swap": round(t_swap - t_onset, 1) if t_swap else None,
+        "retrain_job_id": job_id,
+        "failed_requests": failed,
+        "_events": sorted(seen.values(), key=lambda e: e["ended_at"]),
+        "_onset_row": onset_row,
+        "_job": (st.get("retraining") or {}).get("current"),
+    }
+
+
+def _plot(summary: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    events = summary["_events"]
+    onset = summary["_onset_row"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    by_det: dict[str, list] = {}
+    for e in events:
+        for dres in e["detectors"]:
+            by_det.setdefault(dres["name"], []).append((e["index"], e["model_version"], max(dres["p_val"] or 1e-300, 1e-300), dres["threshold"]))
+    for name, pts in by_det.items():
+        ax.semilogy(range(len(pts)), [p[2] for p in pts], marker="o", label=f"{name} p-value")
+        if pts and pts[0][3]:
+            ax.axhline(pts[0][3], linestyle=":", color="grey", label=f"{name} threshold")
+    onset_idx = next((i for i, e in enumerate(events) if e["ended_at"] and e["index"] >= 0 and i >= 2), 2)
+    ax.axvline(onset_idx - 0.5, color="red", linestyle="--", label=f"onset (row {onset})")
+    trig = next((i for i, e in enumerate(events) if e.get("is_drift")), None)
+    if trig is not None:
+        ax.axvline(trig, color="orange", linestyle="-.", label="drift detected")
+    swap = next((i for i, e in enumerate(events) if e["model_version"] != events[0]["model_version"]), None)
+    if swap is not None:
+        ax.axvline(swap - 0.5, color="green", linestyle="-", label="new champion")
+    ax.set_xlabel("window (500 served rows each)")
+    ax.set_ylabel("detector p-value (log)")
+    ax2 = ax.twinx()
+    ax2.bar([0, 1], [summary["accuracy_drifted_before"], summary["accuracy_drifted_after"]], width=0.0)
+    ax.set_title(f"driftloop demo: accuracy on drifted traffic {summary['accuracy_drifted_before']:.2f} -> "
+                 f"{summary['accuracy_drifted_after']:.2f}; onset to swap {summary['seconds_onset_to_swap']} s")
+    ax2.set_yticks([])
+    ax.legend(loc="lower left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _log_to_mlflow(s, spec, summary: dict[str, Any], png: Path) -> None:
+    from driftloop import registry
+
+    c = registry.client(s)
+    run = c.create_run(registry.experiment_id(s, spec.name), run_name="demo", tags={"driftloop.kind": "demo"})
+    for k in ("detection_delay_rows", "accuracy_drifted_before", "accuracy_drifted_after", "seconds_onset_to_swap"):
+        if summary.get(k) is not None:
+            c.log_metric(run.info.run_id, k, float(summary[k]))
+    c.log_artifact(run.info.run_id, str(png))
+    c.set_terminated(run.info.run_id, "FINISHED")

@@ -1,0 +1,140 @@
+"""Traffic replay: real HTTP requests from the built-in examples, optionally with ground-truth labels."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from driftloop.data import examples
+
+
+class ScenarioError(ValueError):
+    """A scenario string that cannot be parsed."""
+
+
+def parse_scenario(s: str) -> tuple[str, int]:
+    """'clean' | 'corrupt:KIND:SEVERITY' -> (kind, severity); 'clean' is ('noise', 0)."""
+    if s == "clean":
+        return "noise", 0
+    parts = s.split(":")
+    if len(parts) != 3 or parts[0] != "corrupt":
+        raise ScenarioError(f"scenario {s!r}: use 'clean' or 'corrupt:KIND:SEVERITY' (KIND one of {', '.join(examples.CORRUPTIONS)})")
+    if parts[1] not in examples.CORRUPTIONS:
+        raise ScenarioError(f"scenario {s!r}: unknown corruption {parts[1]!r} (one of {', '.join(examples.CORRUPTIONS)})")
+    try:
+        sev = int(parts[2])
+    except ValueError:
+        raise ScenarioError(f"scenario {s!r}: severity must be an integer 0..5") from None
+    if not 0 <= sev <= 5:
+        raise ScenarioError(f"scenario {s!r}: severity must be 0..5")
+    return parts[1], sev
+
+
+def traffic(app: str, scenario: str, rows: int, seed: int = 0, offset: int = 0) -> tuple[pd.DataFrame, list[str], str]:
+    """The rows to send: digits from the held-out pool (corrupted per scenario), or rainfall in time order."""
+    if app.startswith("rainfall"):
+        if scenario != "clean":
+            raise ScenarioError("rainfall replays its real, time-ordered history: use --scenario clean")
+        ex = examples.builtin("rainfall")
+        pool = ex.pool.iloc[offset : offset + rows]
+        return pool.reset_index(drop=True), examples.RAINFALL_FEATURES, "rain"
+    kind, sev = parse_scenario(scenario)
+    ex = examples.builtin("digits")
+    df = examples.digits_stream(ex.pool, rows, onset=0 if sev else None, kind=kind, severity=sev, seed=seed)
+    return df, examples.DIGITS_FEATURES, "digit"
+
+
+@dataclass
+class ReplayReport:
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    status_counts: dict[int, int] = field(default_factory=dict)
+    correct: int = 0
+    labelled: int = 0
+    versions: dict[int, int] = field(default_factory=dict)
+    latencies_ms: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    responses: list[dict] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.ok if self.ok else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
+        return {"sent": self.sent, "ok": self.ok, "failed": self.failed, "accuracy": round(self.accuracy, 4),
+                "labelled": self.labelled, "model_versions": {str(k): v for k, v in sorted(self.versions.items())},
+                "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
+                "rps": round(self.sent / self.seconds, 1) if self.seconds else 0.0,
+                "status": {str(k): v for k, v in sorted(self.status_counts.items())}}
+
+
+async def replay_async(
+    url: str, app: str, df: pd.DataFrame, features: list[str], label: str, rps: float, labels: bool = False,
+    concurrency: int = 16, headers: dict[str, str] | None = None, on_response: Callable[[int, dict], None] | None = None,
+    keep_responses: bool = False, timeout: float = 30.0,
+) -> ReplayReport:
+    """Send one single-row request per row at a paced rate (open loop, bounded in count and time)."""
+    import httpx
+
+    rep = ReplayReport()
+    base = f"{url.rstrip('/')}/{app.strip('/')}"
+    sem = asyncio.Semaphore(concurrency)
+    xs = df[features].to_numpy(dtype=float)
+    ys = df[label].to_numpy() if label in df.columns else None
+    t0 = time.monotonic()
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        async with sem:
+            body = {"row": {f: float(v) for f, v in zip(features, xs[i])}}
+            start = time.monotonic()
+            try:
+                r = await client.post(f"{base}/predict", json=body, headers=headers)
+                code = r.status_code
+                data = r.json() if code == 200 else {}
+            except Exception:
+                code, data = 599, {}
+            rep.latencies_ms.append((time.monotonic() - start) * 1000)
+            rep.status_counts[code] = rep.status_counts.get(code, 0) + 1
+            if code != 200:
+                rep.failed += 1
+                return
+            rep.ok += 1
+            v = int(data["model_version"])
+            rep.versions[v] = rep.versions.get(v, 0) + 1
+            pred = data["predictions"][0]["prediction"]
+            if keep_responses:
+                rep.responses.append({"i": i, "t": time.monotonic() - t0, "version": v, "prediction": pred})
+            if ys is not None:
+                rep.correct += int(pred == int(ys[i]))
+                if labels:
+                    fr = await client.post(f"{base}/feedback", json={"request_id": data["request_id"], "label": int(ys[i])})
+                    if fr.status_code == 200:
+                        rep.labelled += 1
+            if on_response:
+                on_response(i, data)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        tasks = []
+        for i in range(len(df)):
+            due = t0 + i / rps if rps > 0 else t0
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(client, i)))
+            rep.sent += 1
+        await asyncio.gather(*tasks)
+    rep.seconds = time.monotonic() - t0
+    return rep
+
+
+def replay(url: str, app: str, scenario: str, rows: int, rps: float, labels: bool = False, seed: int = 0, **kw) -> ReplayReport:
+    df, features, label = traffic(app, scenario, rows, seed)
+    return asyncio.run(replay_async(url, app, df, features, label, rps, labels, **kw))

@@ -1,0 +1,1 @@
+"""Serving: a Ray Serve application per model (Predictor ingress + DriftMonitor)."""

@@ -1,0 +1,88 @@
+"""`driftloop serve FILE`: a local Ray head on 127.0.0.1 when none runs, then `serve deploy` of FILE."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from driftloop.cluster import LOCAL_CPUS
+from driftloop.errors import LoopError
+from driftloop.settings import get_settings
+
+DASHBOARD = "http://127.0.0.1:8265"
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def ensure_head() -> str:
+    """The dashboard address of the cluster to deploy to; starts a local head (127.0.0.1) if none runs."""
+    if os.environ.get("RAY_ADDRESS", "").startswith("http"):
+        return os.environ["RAY_ADDRESS"]
+    probe = subprocess.run([_ray_bin(), "status"], capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        cmd = [_ray_bin(), "start", "--head", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
+               f"--num-cpus={max(LOCAL_CPUS, os.cpu_count() or 1)}", "--disable-usage-stats"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        if r.returncode != 0:
+            raise LoopError(f"could not start local Ray: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    return DASHBOARD
+
+
+def prepare_config(file: Path) -> dict:
+    """Read a Serve config, make spec paths absolute and hand the driftloop settings to the replicas."""
+    from ray.serve.schema import ServeDeploySchema
+
+    if not file.is_file():
+        raise LoopError(f"{file}: no such Serve config")
+    cfg = yaml.safe_load(file.read_text())
+    s = get_settings().ensure()
+    env = {"DRIFTLOOP_HOME": str(s.home), "MLFLOW_TRACKING_URI": s.tracking_uri, "DRIFTLOOP_DATA_ROOT": s.data_root,
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    for k in ("DRIFTLOOP_ADMIN_TOKEN_FILE", "DRIFTLOOP_PREDICT_TOKEN_FILE", "DRIFTLOOP_POLL_S"):
+        if os.environ.get(k):
+            env[k] = os.environ[k]
+    for app in cfg.get("applications", []):
+        spec = (app.get("args") or {}).get("spec")
+        if spec and not Path(spec).is_absolute() and Path(spec).is_file():
+            app["args"]["spec"] = str(Path(spec).resolve())
+        rt = app.setdefault("runtime_env", {})
+        rt.setdefault("env_vars", {}).update(env)
+    try:
+        ServeDeploySchema.model_validate(cfg) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(cfg)
+    except Exception as err:
+        raise LoopError(f"{file}: not a valid Serve config: {str(err).splitlines()[0]}") from None
+    return cfg
+
+
+def deploy_file(file: Path, wait_s: float = 300) -> dict[str, str]:
+    """Deploy every application of a Serve config and wait until they are RUNNING."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    cfg = prepare_config(Path(file))
+    address = ensure_head()
+    client = ServeSubmissionClient(address)
+    client.deploy_applications(cfg)
+    http = cfg.get("http_options", {})
+    base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    names = [a["name"] for a in cfg["applications"]]
+    deadline = time.monotonic() + wait_s
+    while True:
+        details = client.get_serve_details()
+        apps = details.get("applications", {})
+        states = {n: apps.get(n, {}).get("status") for n in names}
+        if all(v == "RUNNING" for v in states.values()):
+            return {a["name"]: base + a.get("route_prefix", "/" + a["name"]) for a in cfg["applications"]}
+        failed = {n: apps[n].get("message", "") for n, v in states.items() if v == "DEPLOY_FAILED"}
+        if failed:
+            n, msg = next(iter(failed.items()))
+            raise LoopError(f"application {n} failed to deploy: {msg.strip().splitlines()[-1] if msg.strip() else 'see serve logs'}")
+        if time.monotonic() > deadline:
+            raise LoopError(f"applications not RUNNING after {wait_s:.0f}s: {states}")
+        time.sleep(1)

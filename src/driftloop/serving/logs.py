@@ -1,0 +1,62 @@
+"""Durable logs next to each model's table: inference log, feedback labels, drift events (Delta tables)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from driftloop.config import Spec
+from driftloop.data import tables
+from driftloop.settings import Settings
+
+
+def uris(settings: Settings, spec: Spec) -> dict[str, str]:
+    t = spec.dataset.table
+    return {k: settings.table_uri(f"{t}_{k}") for k in ("inference", "feedback", "drift_events")}
+
+
+def inference_frame(spec: Spec, ids: list[str], ts: list[float], version: int, x: np.ndarray, pred: np.ndarray) -> pd.DataFrame:
+    df = pd.DataFrame(x.astype(np.float64), columns=spec.dataset.features)
+    df.insert(0, "prediction", pred.astype(np.int64))
+    df.insert(0, "model_version", np.full(len(ids), version, dtype=np.int64))
+    df.insert(0, "ts", np.asarray(ts, dtype=np.float64))
+    df.insert(0, "request_id", pd.Series(ids, dtype=object).astype(str))
+    return df
+
+
+def feedback_frame(rows: list[tuple[str, int, float]]) -> pd.DataFrame:
+    return pd.DataFrame({"request_id": [r[0] for r in rows], "label": np.array([r[1] for r in rows], dtype=np.int64),
+                         "ts": np.array([r[2] for r in rows], dtype=np.float64)})
+
+
+def drift_event_frame(report: dict) -> pd.DataFrame:
+    det = report["detectors"]
+    drifted = sorted({f for d in det for f in d.get("drifted_features", [])})
+    ps = [d["p_val"] for d in det if d.get("p_val") is not None]
+    return pd.DataFrame([{
+        "event_id": report["event_id"], "ts": float(report["ended_at"]), "started_at": float(report["started_at"]),
+        "model_version": int(report["model_version"]), "window_index": int(report["index"]), "rows": int(report["rows"]),
+        "is_drift": bool(report["is_drift"]), "min_p_val": float(min(ps)) if ps else float("nan"),
+        "drifted_features": json.dumps(drifted), "detectors": json.dumps(det), "kind": report.get("kind", "window"),
+        "trigger": report.get("trigger", ""),
+    }])
+
+
+def read_or_empty(uri: str, columns: list[str] | None = None) -> pd.DataFrame:
+    if not tables.exists(uri):
+        return pd.DataFrame(columns=columns or [])
+    return tables.read(uri, columns=columns)
+
+
+def labelled_rows(settings: Settings, spec: Spec, after_ts: float = 0.0) -> pd.DataFrame:
+    """Served rows joined with their ground-truth labels (newest label per request wins)."""
+    u = uris(settings, spec)
+    fb = read_or_empty(u["feedback"])
+    if fb.empty:
+        return pd.DataFrame(columns=["request_id", "ts", "feedback_ts", "model_version", "prediction", *spec.dataset.features, spec.dataset.label])
+    fb = fb[fb["ts"] > after_ts].sort_values("ts").drop_duplicates("request_id", keep="last")
+    inf = read_or_empty(u["inference"])
+    joined = inf.merge(fb.rename(columns={"ts": "feedback_ts", "label": spec.dataset.label}), on="request_id")
+    return joined.sort_values("feedback_ts").reset_index(drop=True)

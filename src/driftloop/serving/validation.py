@@ -1,0 +1,117 @@
+"""Request validation for /predict and /feedback: every rejection names the field and the problem."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+MAX_BODY_BYTES = 1_000_000
+MAX_BATCH_ROWS = 256
+MAX_ID_CHARS = 128
+
+
+class InvalidInput(ValueError):
+    """A request that is refused with HTTP 4xx; `status` is the code, str() the message."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+def _reject_constant(name: str) -> float:
+    raise InvalidInput(f"invalid JSON: {name} is not a number JSON allows", 400)
+
+
+def parse_json(body: bytes, max_bytes: int = MAX_BODY_BYTES) -> Any:
+    """Decode a body within the size limit; NaN/Infinity literals and bad UTF-8 are refused."""
+    if len(body) > max_bytes:
+        raise InvalidInput(f"body of {len(body)} bytes exceeds the limit of {max_bytes} bytes", 413)
+    if not body:
+        raise InvalidInput("empty body: send a JSON object", 400)
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except InvalidInput:
+        raise
+    except RecursionError:
+        raise InvalidInput("invalid JSON: nested too deeply", 400) from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise InvalidInput(f"invalid JSON: {str(err).splitlines()[0][:120]}", 400) from None
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "null" if value is None else type(value).__name__.replace("str", "string").replace("dict", "object").replace("list", "array")
+        raise InvalidInput(f"{where}: must be a number, got {kind}")
+    try:
+        f = float(value)
+    except OverflowError:
+        raise InvalidInput(f"{where}: number out of range") from None
+    if not math.isfinite(f) or abs(f) > 1e30:
+        raise InvalidInput(f"{where}: must be a finite number within ±1e30")
+    return f
+
+
+def parse_rows(payload: Any, features: list[str], max_rows: int = MAX_BATCH_ROWS) -> np.ndarray:
+    """`{"row": {...}}` or `{"rows": [{...}, …]}` with named features -> float32 array (n, n_features)."""
+    if not isinstance(payload, dict):
+        raise InvalidInput('body must be a JSON object: {"row": {feature: value}} or {"rows": [...]}')
+    extra = set(payload) - {"row", "rows"}
+    if extra:
+        raise InvalidInput(f"unknown field {sorted(extra)[0]!r}: expected 'row' or 'rows'")
+    if ("row" in payload) == ("rows" in payload):
+        raise InvalidInput("give exactly one of 'row' (one object) or 'rows' (a list of objects)")
+    rows = [payload["row"]] if "row" in payload else payload["rows"]
+    if not isinstance(rows, list):
+        raise InvalidInput("rows: must be a list of objects")
+    if not rows:
+        raise InvalidInput("rows: must not be empty")
+    if len(rows) > max_rows:
+        raise InvalidInput(f"rows: batch of {len(rows)} rows exceeds the limit of {max_rows}", 413)
+    index = {f: i for i, f in enumerate(features)}
+    out = np.empty((len(rows), len(features)), dtype=np.float32)
+    for r, row in enumerate(rows):
+        where = "row" if "row" in payload else f"rows[{r}]"
+        if not isinstance(row, dict):
+            raise InvalidInput(f"{where}: must be an object of feature: value")
+        missing = [f for f in features if f not in row]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise InvalidInput(f"{where}: missing feature {missing[0]!r}{more}")
+        if len(row) != len(features):
+            unknown = next(k for k in row if k not in index)
+            raise InvalidInput(f"{where}: unknown feature {str(unknown)[:64]!r}")
+        for name, value in row.items():
+            out[r, index[name]] = _number(value, f"{where}.{name}")
+    return out
+
+
+def parse_feedback(payload: Any, classes: list[int]) -> tuple[str, int]:
+    """`{"request_id": str, "label": int}` with the label in the model's class domain."""
+    if not isinstance(payload, dict):
+        raise InvalidInput('body must be a JSON object: {"request_id": "...", "label": 3}')
+    extra = set(payload) - {"request_id", "label"}
+    if extra:
+        raise InvalidInput(f"unknown field {sorted(extra)[0]!r}: expected 'request_id' and 'label'")
+    rid = payload.get("request_id")
+    if not isinstance(rid, str) or not rid or len(rid) > MAX_ID_CHARS:
+        raise InvalidInput(f"request_id: must be a non-empty string of at most {MAX_ID_CHARS} characters")
+    label = payload.get("label")
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or (isinstance(label, float) and not label.is_integer()):
+        raise InvalidInput("label: must be an integer class")
+    if int(label) not in classes:
+        raise InvalidInput(f"label: {label} is not one of the model's classes {classes}")
+    return rid, int(label)
+
+
+def request_schema(features: list[str]) -> dict[str, Any]:
+    """OpenAPI schema of the /predict body, so /docs shows the named features."""
+    row = {"type": "object", "properties": {f: {"type": "number"} for f in features}, "required": features,
+           "additionalProperties": False}
+    return {"oneOf": [
+        {"type": "object", "properties": {"row": row}, "required": ["row"]},
+        {"type": "object", "properties": {"rows": {"type": "array", "items": row, "maxItems": MAX_BATCH_ROWS}},
+         "required": ["rows"]},
+    ]}

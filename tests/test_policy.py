@@ -1,0 +1,74 @@
+from driftloop.config import PolicySpec, RetrainSpec
+from driftloop.drift.policy import Policy, submission_id
+from driftloop.registry import decide
+
+
+def spec(**kw):
+    base = dict(policy=PolicySpec(k=2, m=3), cooldown_s=100, min_labelled_rows=0)
+    base.update(kw)
+    return RetrainSpec(**base)
+
+
+def test_k_of_m_windows():
+    p = Policy(spec())
+    assert p.on_window(True, 0, 1) is None          # 1 of 1
+    assert p.on_window(False, 1, 1) is None         # 1 of 2
+    t = p.on_window(True, 2, 1)                     # 2 of 3
+    assert t is not None and "drift in 2 of the last 3 windows" in t.reason and t.champion_version == 1
+
+
+def test_old_windows_fall_out_of_m():
+    p = Policy(spec())
+    assert p.on_window(True, 0, 1) is None
+    for i in range(3):
+        assert p.on_window(False, i + 1, 1) is None
+    assert p.on_window(True, 10, 1) is None         # the first drift is now outside the last 3
+
+
+def test_cooldown_blocks_then_allows():
+    p = Policy(spec(policy=PolicySpec(k=1, m=1)))
+    assert p.on_window(True, 0, 1) is not None
+    assert p.on_window(True, 50, 1) is None
+    assert p.on_window(True, 101, 1) is not None
+
+
+def test_min_labelled_rows_defers_the_trigger():
+    p = Policy(spec(policy=PolicySpec(k=1, m=1), min_labelled_rows=100))
+    assert p.on_window(True, 0, 1) is None
+    assert p.state.pending
+    assert p.on_labels(60, None, 1, 1) is None
+    t = p.on_labels(40, None, 2, 1)
+    assert t is not None and "after 100 labelled rows" in t.reason and p.state.pending is None
+
+
+def test_accuracy_floor_online_alarm_new_labels_and_manual():
+    p = Policy(spec(policy=PolicySpec(accuracy_floor=0.8)))
+    assert p.on_labels(1, 0.9, 0, 1) is None
+    assert "below floor" in p.on_labels(1, 0.7, 1, 1).reason
+    p = Policy(spec())
+    assert "online detector cvm raised" in p.on_online_alarm("cvm", 0, 1).reason
+    p = Policy(spec(policy=PolicySpec(online_alarm=False)))
+    assert p.on_online_alarm("cvm", 0, 1) is None
+    p = Policy(spec(policy=PolicySpec(new_labels=10)))
+    assert p.on_labels(9, None, 0, 1) is None
+    assert "10 new labelled rows" in p.on_labels(1, None, 1, 1).reason
+    p = Policy(spec(min_labelled_rows=10**6))
+    assert p.on_window(True, 0, 1) is None
+    assert p.manual(0, 1).reason == "manual trigger"  # manual ignores cooldown and label minimum
+
+
+def test_submission_id_is_deterministic():
+    assert submission_id("digits", 3, 0) == submission_id("digits", 3, 0) == "driftloop-retrain-digits-v3-g0"
+    assert submission_id("digits", 3, 1) != submission_id("digits", 3, 0)
+    assert submission_id("digits", 3, 0, attempt=2).endswith("-r2")
+
+
+def test_promotion_gate():
+    assert decide(0.9, None, 0.01).promote
+    assert decide(0.92, 0.9, 0.01).promote
+    assert not decide(0.905, 0.9, 0.01).promote
+    assert not decide(0.9, 0.9, 0.0).promote          # a tie does not replace the champion
+    assert decide(0.91, 0.9, 0.0).promote
+    refused = decide(0.5, 0.9, 0.0)
+    assert not refused.promote and "0.5000 vs 0.9000" in refused.reason
+    assert not decide(float("nan"), 0.9, 0.0).promote

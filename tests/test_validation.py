@@ -1,0 +1,77 @@
+import json
+
+import numpy as np
+import pytest
+
+from driftloop.serving.validation import InvalidInput, parse_feedback, parse_json, parse_rows
+
+FEATS = ["a", "b", "c"]
+
+
+def test_one_row_and_batch():
+    assert parse_rows({"row": {"a": 1, "b": 2.5, "c": -3}}, FEATS).tolist() == [[1, 2.5, -3]]
+    x = parse_rows({"rows": [{"c": 3, "b": 2, "a": 1}, {"a": 0, "b": 0, "c": 0}]}, FEATS)
+    assert x.shape == (2, 3) and x.dtype == np.float32 and x[0].tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "payload, status, message",
+    [
+        ({"row": {"a": 1, "b": 2}}, 422, "row: missing feature 'c'"),
+        ({"rows": [{"a": 1, "b": 2, "c": 3}, {"a": 1, "b": "x", "c": 3}]}, 422, "rows[1].b: must be a number, got string"),
+        ({"row": {"a": 1, "b": None, "c": 3}}, 422, "row.b: must be a number, got null"),
+        ({"row": {"a": True, "b": 1, "c": 3}}, 422, "row.a: must be a number, got bool"),
+        ({"row": {"a": 1e308, "b": 1, "c": 3}}, 422, "row.a: must be a finite number"),
+        ({"row": {"a": 1, "b": 1, "c": 3, "d": 4}}, 422, "row: unknown feature 'd'"),
+        ({"rows": []}, 422, "rows: must not be empty"),
+        ({"rows": [{"a": 1, "b": 1, "c": 1}] * 300}, 413, "batch of 300 rows exceeds the limit of 256"),
+        ({"row": {}, "rows": []}, 422, "exactly one of"),
+        ([1, 2], 422, "body must be a JSON object"),
+        ({"x": 1}, 422, "unknown field 'x'"),
+    ],
+)
+def test_bad_rows_name_the_problem(payload, status, message):
+    with pytest.raises(InvalidInput) as err:
+        parse_rows(payload, FEATS)
+    assert err.value.status == status
+    assert message in str(err.value)
+
+
+def test_json_limits():
+    with pytest.raises(InvalidInput, match="NaN is not a number JSON allows"):
+        parse_json(b'{"row": {"a": NaN}}')
+    with pytest.raises(InvalidInput, match="Infinity"):
+        parse_json(b'{"row": {"a": -Infinity}}')
+    with pytest.raises(InvalidInput) as err:
+        parse_json(b"x" * 2_000_000)
+    assert err.value.status == 413
+    with pytest.raises(InvalidInput, match="invalid JSON"):
+        parse_json(b"{not json")
+    with pytest.raises(InvalidInput, match="nested too deeply|invalid JSON"):
+        parse_json(("[" * 100_000 + "]" * 100_000).encode())
+    with pytest.raises(InvalidInput, match="invalid JSON"):
+        parse_json(b"\xff\xfe")
+    assert parse_json(json.dumps({"row": {"a": 1}}).encode()) == {"row": {"a": 1}}
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"request_id": "r1", "label": 11}, "label: 11 is not one of the model's classes"),
+        ({"request_id": "r1", "label": "3"}, "label: must be an integer class"),
+        ({"request_id": "r1", "label": 2.5}, "label: must be an integer class"),
+        ({"request_id": "", "label": 1}, "request_id: must be a non-empty string"),
+        ({"request_id": "x" * 500, "label": 1}, "request_id: must be a non-empty string"),
+        ({"label": 1}, "request_id"),
+        ({"request_id": "r", "label": 1, "extra": 1}, "unknown field 'extra'"),
+    ],
+)
+def test_bad_feedback(payload, message):
+    with pytest.raises(InvalidInput, match=None) as err:
+        parse_feedback(payload, list(range(10)))
+    assert message in str(err.value)
+
+
+def test_good_feedback():
+    assert parse_feedback({"request_id": "abc", "label": 3}, list(range(10))) == ("abc", 3)
+    assert parse_feedback({"request_id": "abc", "label": 3.0}, list(range(10))) == ("abc", 3)
