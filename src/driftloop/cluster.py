@@ -25,7 +25,9 @@ def ensure_ray(settings: Settings, namespace: str = "driftloop") -> None:
     runtime_env["env_vars"].setdefault("DRIFTLOOP_HOME", str(settings.home))
     runtime_env["env_vars"].setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri)
     if settings.ray_address:
-        ray.init(address=settings.ray_address, namespace=namespace, runtime_env=runtime_env, log_to_driver=False)
+        # An existing cluster (or a Ray job's driver): its processes already carry their environment,
+        # and a job's runtime env cannot be merged with another one.
+        ray.init(address=settings.ray_address, namespace=namespace, log_to_driver=False)
         return
     ray.init(
         num_cpus=max(LOCAL_CPUS, os.cpu_count() or 1),

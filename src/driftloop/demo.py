@@ -53,7 +53,7 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: flo
     d = spec.model_dump(mode="json")
     if quick:
         d["sweep"]["trials"], d["training"]["epochs"] = 2, 8
-    d["retraining"]["min_labelled_rows"] = 400
+    d["retraining"]["min_labelled_rows"] = 600
     d["retraining"]["cooldown_s"] = 60
     spec = parse_spec(d, "demo spec")
     out.mkdir(parents=True, exist_ok=True)
@@ -128,31 +128,42 @@ async def _traffic(url: str, spec, quiet: bool, timeout_s: float) -> dict[str, A
         async with httpx.AsyncClient(timeout=30) as c:
             return (await c.get(f"{url}/{spec.name}/drift")).json()
 
-    # 1. clean traffic: two full windows, labelled
+    t_traffic = time.time()
+    points: list[tuple[float, int]] = []  # (seconds since traffic start, correct) for the rolling accuracy
+
+    def track(df):
+        y = df[label].to_numpy()
+        return lambda i, data: points.append((time.time() - t_traffic, int(data["predictions"][0]["prediction"] == y[i])))
+
+    # 1. clean traffic: two full windows. It is not labelled, so that the labelled production rows the
+    #    retraining job adds to the data are the drifted ones (labels for clean rows would only dilute them).
     clean = examples.digits_stream(traffic_pool, 2 * window, onset=None, seed=1)
-    r_clean = await replay_async(url, spec.name, clean, feats, label, rps=0, labels=True, concurrency=16)
+    r_clean = await replay_async(url, spec.name, clean, feats, label, rps=0, labels=False, concurrency=16, on_response=track(clean))
     rows_seen += r_clean.sent
     _say(quiet, f"clean traffic: {r_clean.ok}/{r_clean.sent} ok, accuracy {r_clean.accuracy:.3f}")
     await asyncio.sleep(1.5)
     st = await drift_state()
     onset_row = st["samples"]
     t_onset = time.monotonic()
+    onset_at = time.time() - t_traffic
     _say(quiet, f"drift onset at row {onset_row}: {kind} severity {sev} from now on")
 
     # 2. drifted evaluation rows (unlabelled) with the old champion
     eval_stream = examples.digits_stream(eval_pool, window, onset=0, kind=kind, severity=sev, seed=99)
-    r_before = await replay_async(url, spec.name, eval_stream, feats, label, rps=0, labels=False, concurrency=16)
+    r_before = await replay_async(url, spec.name, eval_stream, feats, label, rps=0, labels=False, concurrency=16,
+                                  on_response=track(eval_stream))
     _say(quiet, f"drifted traffic on the champion: accuracy {r_before.accuracy:.3f}")
 
     # 3. drifted labelled traffic until the new champion answers
     old_version = st["model_version"]
     job_id, detection_row, t_swap, failed = None, None, None, r_clean.failed + r_before.failed
+    swap_at = detected_at = job_at = None
     seed = 200
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         chunk = examples.digits_stream(traffic_pool, 100, onset=0, kind=kind, severity=sev, seed=seed)
         seed += 1
-        r = await replay_async(url, spec.name, chunk, feats, label, rps=60, labels=True, concurrency=8)
+        r = await replay_async(url, spec.name, chunk, feats, label, rps=60, labels=True, concurrency=8, on_response=track(chunk))
         failed += r.failed
         st = await drift_state()
         for ev in st["recent"]:
@@ -161,13 +172,16 @@ async def _traffic(url: str, spec, quiet: bool, timeout_s: float) -> dict[str, A
             hit = [e for e in st["recent"] if e["is_drift"]]
             if hit:
                 detection_row = st["samples"] - st["window"]["fill"] - onset_row
+                detected_at = min(e["ended_at"] for e in hit) - t_traffic
                 _say(quiet, f"drift detected {detection_row} rows after onset; policy: {st['policy']['pending'] or 'fired'}")
         job = (st.get("retraining") or {}).get("current")
         if job and job_id != job["submission_id"]:
             job_id = job["submission_id"]
+            job_at = job["submitted_at"] - t_traffic
             _say(quiet, f"retraining job {job_id} ({job['status']}): {job['reason']}")
-        if max(int(k) for k in r.versions) != old_version if r.versions else False:
+        if r.versions and max(r.versions) != old_version:
             t_swap = time.monotonic()
+            swap_at = time.time() - t_traffic
             _say(quiet, f"new champion answering: versions seen {r.versions}")
             break
         if job and job.get("final") and job["status"] != "SUCCEEDED":
@@ -175,7 +189,8 @@ async def _traffic(url: str, spec, quiet: bool, timeout_s: float) -> dict[str, A
             break
     await asyncio.sleep(0.5)
     # 4. the same drifted evaluation rows on the new champion
-    r_after = await replay_async(url, spec.name, eval_stream, feats, label, rps=0, labels=False, concurrency=16)
+    r_after = await replay_async(url, spec.name, eval_stream, feats, label, rps=0, labels=False, concurrency=16,
+                                 on_response=track(eval_stream))
     failed += r_after.failed
     _say(quiet, f"drifted traffic on the new champion: accuracy {r_after.accuracy:.3f}")
     st = await drift_state()
@@ -190,43 +205,52 @@ async def _traffic(url: str, spec, quiet: bool, timeout_s: float) -> dict[str, A
         "failed_requests": failed,
         "_events": sorted(seen.values(), key=lambda e: e["ended_at"]),
         "_onset_row": onset_row,
+        "_t0": t_traffic, "_points": points,
+        "_marks": {"onset": onset_at, "detected": detected_at, "job submitted": job_at, "new champion": swap_at},
         "_job": (st.get("retraining") or {}).get("current"),
     }
 
 
 def _plot(summary: dict[str, Any], path: Path) -> Path:
+    """Detector statistic (-log10 p) per window against its threshold, rolling accuracy, and the loop's events."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    events = summary["_events"]
-    onset = summary["_onset_row"]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    by_det: dict[str, list] = {}
+    t0, events = summary["_t0"], summary["_events"]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    series: dict[str, list] = {}
     for e in events:
-        for dres in e["detectors"]:
-            by_det.setdefault(dres["name"], []).append((e["index"], e["model_version"], max(dres["p_val"] or 1e-300, 1e-300), dres["threshold"]))
-    for name, pts in by_det.items():
-        ax.semilogy(range(len(pts)), [p[2] for p in pts], marker="o", label=f"{name} p-value")
-        if pts and pts[0][3]:
-            ax.axhline(pts[0][3], linestyle=":", color="grey", label=f"{name} threshold")
-    onset_idx = next((i for i, e in enumerate(events) if e["ended_at"] and e["index"] >= 0 and i >= 2), 2)
-    ax.axvline(onset_idx - 0.5, color="red", linestyle="--", label=f"onset (row {onset})")
-    trig = next((i for i, e in enumerate(events) if e.get("is_drift")), None)
-    if trig is not None:
-        ax.axvline(trig, color="orange", linestyle="-.", label="drift detected")
-    swap = next((i for i, e in enumerate(events) if e["model_version"] != events[0]["model_version"]), None)
-    if swap is not None:
-        ax.axvline(swap - 0.5, color="green", linestyle="-", label="new champion")
-    ax.set_xlabel("window (500 served rows each)")
-    ax.set_ylabel("detector p-value (log)")
+        for d in e["detectors"]:
+            if d.get("p_val") is None:
+                continue
+            stat = min(-np.log10(max(d["p_val"], 1e-300)), 60.0)
+            thr = -np.log10(d["threshold"]) if d.get("threshold") else None
+            series.setdefault(d["name"], []).append((e["ended_at"] - t0, stat, thr, e["model_version"]))
+    for name, pts in series.items():
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{name}: -log10 p (capped at 60)")
+        if pts[0][2] is not None:
+            ax.axhline(pts[0][2], color=line.get_color(), linestyle=":", linewidth=1, label=f"{name} threshold")
+    colours = {"onset": "red", "detected": "orange", "job submitted": "purple", "new champion": "green"}
+    for mark, at in summary["_marks"].items():
+        if at is not None:
+            ax.axvline(at, color=colours[mark], linestyle="--", label=mark)
+    ax.set_xlabel("seconds since traffic started")
+    ax.set_ylabel("drift statistic (-log10 p-value)")
     ax2 = ax.twinx()
-    ax2.bar([0, 1], [summary["accuracy_drifted_before"], summary["accuracy_drifted_after"]], width=0.0)
-    ax.set_title(f"driftloop demo: accuracy on drifted traffic {summary['accuracy_drifted_before']:.2f} -> "
-                 f"{summary['accuracy_drifted_after']:.2f}; onset to swap {summary['seconds_onset_to_swap']} s")
-    ax2.set_yticks([])
-    ax.legend(loc="lower left", fontsize=7)
+    pts = sorted(summary["_points"])
+    if pts:
+        xs = np.array([p[0] for p in pts])
+        ys = np.convolve(np.array([p[1] for p in pts], float), np.ones(100) / 100, mode="same")
+        ax2.plot(xs, ys, color="black", alpha=0.5, linewidth=1, label="rolling accuracy (100 rows)")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_ylabel("rolling accuracy")
+    ax.set_title(f"driftloop demo: drifted accuracy {summary['accuracy_drifted_before']:.2f} -> "
+                 f"{summary['accuracy_drifted_after']:.2f}, onset to swap {summary['seconds_onset_to_swap']} s")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="center left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -47,8 +47,8 @@ def exists(uri: str) -> bool:
     return DeltaTable.is_deltatable(uri)
 
 
-def append(uri: str, df: pd.DataFrame, metadata: dict[str, str] | None = None) -> int:
-    """Append one batch atomically as a new version and return that version's number."""
+def append(uri: str, df: pd.DataFrame, metadata: dict[str, str] | None = None, want_version: bool = True) -> int | None:
+    """Append one batch atomically as a new version and return that version's number (if asked)."""
     from deltalake import CommitProperties, write_deltalake
 
     if len(df) == 0:
@@ -70,6 +70,8 @@ def append(uri: str, df: pd.DataFrame, metadata: dict[str, str] | None = None) -
         if "schema" in msg.lower():
             raise TableError(f"{uri}: batch schema does not match the table: {msg}") from None
         raise TableError(f"cannot write to {uri}: {msg}") from None
+    if not want_version:
+        return None
     # The version we created is the newest one that carries our commit; under concurrent writers
     # another append may already be on top, so look it up by the unique batch id.
     batch_id = (metadata or {}).get("batch_id")

@@ -135,6 +135,12 @@ class DriftMonitor:
                     swapped = await asyncio.to_thread(self._swap_if_needed_sync)
                 if swapped:
                     self.policy.retrained()
+                if self.retrain is not None:
+                    job = await asyncio.to_thread(self.retrain.tick)
+                    if job and job.get("final") and not job.get("seen_final"):
+                        job["seen_final"] = True
+                        if job["status"] == "SUCCEEDED" and not swapped:
+                            self.policy.retrained()  # refused challenger: start counting afresh
             except Exception:  # the registry may be briefly unreachable; keep serving with what we have
                 log.exception("alias poll failed")
 
@@ -219,7 +225,7 @@ class DriftMonitor:
     def _append(self, uri: str, df) -> None:
         from driftloop.data import tables
 
-        tables.append(uri, df, {"batch_id": uuid.uuid4().hex, "source": "driftloop-monitor"})
+        tables.append(uri, df, {"source": "driftloop-monitor"}, want_version=False)
 
     async def _flush_loop(self) -> None:
         while True:

@@ -1,0 +1,121 @@
+"""One real Ray instance per test session (dashboard and Jobs API on 127.0.0.1), one trained digits model,
+one Serve application. Everything here is real: Ray, Ray Train/Tune, Serve over HTTP, MLflow, Delta."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_spec(path: Path, **overrides) -> Path:
+    """configs/digits.yaml with test-sized overrides (dotted keys)."""
+    d = yaml.safe_load((ROOT / "configs/digits.yaml").read_text())
+    for key, value in overrides.items():
+        node = d
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+@pytest.fixture(scope="session")
+def session_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("driftloop-home")
+    env = {"DRIFTLOOP_HOME": str(home), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "DRIFTLOOP_POLL_S": "0.5", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    old = {k: os.environ.get(k) for k in list(env) + ["MLFLOW_TRACKING_URI", "DRIFTLOOP_DATA_ROOT", "RAY_ADDRESS"]}
+    os.environ.update(env)
+    for k in ("MLFLOW_TRACKING_URI", "DRIFTLOOP_DATA_ROOT", "RAY_ADDRESS"):
+        os.environ.pop(k, None)
+    yield home
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(session_home):
+    """A local Ray cluster bound to 127.0.0.1 with 4 logical CPUs on this 2-core machine."""
+    import ray
+
+    dash = free_port()
+    ctx = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
+                   _node_ip_address="127.0.0.1", object_store_memory=400 * 1024**2, namespace="driftloop",
+                   log_to_driver=False, configure_logging=False)
+    gcs = ctx.address_info["gcs_address"]
+    os.environ["RAY_ADDRESS"] = gcs
+    os.environ["DRIFTLOOP_JOBS_ADDRESS"] = f"http://127.0.0.1:{dash}"
+    yield {"gcs": gcs, "dashboard": f"http://127.0.0.1:{dash}"}
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.pop("DRIFTLOOP_JOBS_ADDRESS", None)
+
+
+@pytest.fixture(scope="session")
+def settings(ray_cluster):
+    from driftloop.settings import get_settings
+
+    return get_settings().ensure()
+
+
+@pytest.fixture(scope="session")
+def serving_spec(session_home):
+    # Triggers stay pending (no retraining) while the serving tests run: the label minimum is out of reach.
+    return write_spec(session_home / "digits-serving.yaml", **{
+        "training.epochs": 8, "sweep.grace_period": 3, "retraining.min_labelled_rows": 10**9})
+
+
+@pytest.fixture(scope="session")
+def trained(settings, serving_spec):
+    """Ingest digits and run the spec's sweep (4 trials, 2 workers each): the shared champion."""
+    from driftloop.config import load_spec
+    from driftloop.data.ingest import ingest
+    from driftloop.sweep import run_sweep
+
+    spec = load_spec(serving_spec)
+    ingest("digits", settings.table_uri(spec.dataset.table), spec.dataset)
+    outcome = run_sweep(spec, settings, verbose=0)
+    return spec, outcome
+
+
+@pytest.fixture(scope="session")
+def serve_url(trained, ray_cluster):
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def wait_for(predicate, timeout: float, every: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")

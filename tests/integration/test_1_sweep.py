@@ -1,0 +1,179 @@
+"""Sweeps, tracking, the registry bundle and the promotion gate, on real Ray and MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, run_cli
+from tests.integration.conftest import free_port, wait_for, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def test_digits_sweep_tracks_registers_and_promotes(trained, settings):
+    from driftloop import registry
+
+    spec, o = trained
+    assert o.trials >= 4 and spec.training.workers == 2
+    assert o.promoted and o.reason == "first version"
+    c = registry.client(settings)
+    tags = registry.version_tags(settings, "digits", o.version)
+    assert float(tags["metric.test_accuracy"]) >= 0.95, tags["metric.test_accuracy"]
+    assert registry.champion_version(settings, "digits") == o.version
+    # MLflow: one parent run, one child run per trial, the data version as a dataset input
+    parent = c.get_run(o.parent_run_id)
+    children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{o.parent_run_id}'")
+    assert len(children) == o.trials
+    assert all("val_accuracy" in r.data.metrics and "lr" in r.data.params for r in children)
+    history = c.get_metric_history(children[0].info.run_id, "val_accuracy")
+    assert len(history) >= 1 and all(h.step >= 0 for h in history)
+    inputs = parent.inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.name == f"digits@v{o.data.version}"
+    assert parent.data.tags["data.digest"] == o.data.digest
+    assert tags["data.version"] == str(o.data.version) and tags["data.digest"] == o.data.digest
+    # the bundle: model + detectors in the same model version's artifacts
+    path = registry.download(settings, "digits", o.version)
+    manifest = json.loads((path / "detectors" / "detectors.json").read_text())
+    assert [d["kind"] for d in manifest["detectors"]] == [d.kind for d in spec.drift.detectors]
+    assert (path / "MLmodel").is_file() and "pt2" in (path / "MLmodel").read_text()
+
+
+def test_registered_model_and_detectors_load_back_identically(trained, settings):
+    import mlflow.pytorch
+
+    from driftloop import registry
+    from driftloop.drift.detectors import load_detectors
+    from driftloop.model import accuracy, predict_proba
+    from driftloop.train import load_splits
+
+    spec, o = trained
+    registry.configure(settings)
+    by_alias = mlflow.pytorch.load_model("models:/digits@champion")
+    by_version = registry.load_model(registry.download(settings, "digits", o.version))
+    splits = load_splits(spec, o.data)
+    p1, p2 = predict_proba(by_alias, splits.x_test), predict_proba(by_version, splits.x_test)
+    np.testing.assert_array_equal(p1, p2)
+    # the same predictions as at the end of training: the recorded test accuracy is reproduced exactly
+    tags = registry.version_tags(settings, "digits", o.version)
+    assert f"{accuracy(p1, splits.y_test, spec.dataset.classes):.6f}" == tags["metric.test_accuracy"]
+    path = registry.download(settings, "digits", o.version)
+    dets_a, _ = load_detectors(path / "detectors", spec.n_classes)
+    dets_b, _ = load_detectors(path / "detectors", spec.n_classes)
+    window = splits.x_val[:200]
+    proba = predict_proba(by_alias, window)
+    for a, b in zip(dets_a, dets_b):
+        ra, rb = a.predict(window, proba), b.predict(window, proba)
+        assert ra.as_dict() == rb.as_dict()
+
+
+def test_worse_challenger_refused_recorded_and_rollback(trained, settings, tmp_path):
+    import torch
+
+    from driftloop import registry
+    from driftloop.drift.detectors import fit_detectors
+    from driftloop.model import build_model
+    from driftloop.train import load_splits
+
+    spec, o = trained
+    champion = registry.champion_version(settings, "digits")
+    bad = build_model(spec.n_features, spec.n_classes, [8], 0.0)  # untrained: near chance
+    torch.manual_seed(1)
+    splits = load_splits(spec, o.data)
+    det_dir = fit_detectors(spec.drift, splits.x_val, np.full((len(splits.x_val), 10), 0.1, np.float32),
+                            spec.dataset.features, tmp_path / "det")
+    b = registry.register_bundle(settings, spec, bad.eval(), det_dir, o.data, o.parent_run_id, {"test_accuracy": 0.1})
+    d = registry.gate_and_promote(settings, spec, b.version, splits.x_test, splits.y_test, "test split")
+    assert not d.promote and d.champion_score > d.challenger_score
+    assert registry.champion_version(settings, "digits") == champion
+    tags = registry.version_tags(settings, "digits", b.version)
+    assert tags["gate.decision"] == "refused" and tags["gate.champion_version"] == str(champion)
+    assert float(tags["gate.champion_score"]) > float(tags["gate.challenger_score"])
+    listing = run_cli("models", "digits")
+    assert listing.returncode == 0 and "refused" in listing.stdout and "does not beat champion" in listing.stdout
+    # forced promotion is recorded as manual; rollback restores the previous champion
+    assert run_cli("promote", "digits", str(b.version)).returncode == 0
+    assert registry.champion_version(settings, "digits") == b.version
+    assert registry.version_tags(settings, "digits", b.version)["gate.decision"] == "manual"
+    r = run_cli("rollback", "digits")
+    assert r.returncode == 0 and f"version {champion}" in r.stdout
+    assert registry.champion_version(settings, "digits") == champion
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"sweep.search_space.lr": {"gaussian": [0.1, 1]}}, "sweep.search_space: lr: unknown distribution 'gaussian'"),
+        ({"training.workers": 0}, "training.workers"),
+        ({"dataset.features": ["pixel_{0..63}", "pixel_99"]}, "dataset.features: 'pixel_99' is not a column of table 'digits'"),
+    ],
+)
+def test_bad_spec_fails_before_any_ray_work(trained, tmp_path, overrides, expected):
+    spec = write_spec(tmp_path / "bad.yaml", **overrides)
+    env = {k: v for k, v in os.environ.items()}
+    env.pop("RAY_ADDRESS", None)  # a Ray start would show up as a local instance; none must happen
+    r = subprocess.run([str(Path(sys.executable).with_name("driftloop")), "sweep", str(spec)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert expected in r.stderr
+    assert "Started a local Ray instance" not in r.stdout + r.stderr
+
+
+def test_rainfall_first_20_years_against_an_mlflow_server(ray_cluster, session_home, tmp_path, monkeypatch):
+    """The rainfall spec, tracked on a real `mlflow server` over HTTP on 127.0.0.1."""
+    from driftloop import registry
+    from driftloop.config import load_spec, parse_spec
+    from driftloop.data.ingest import ingest
+    from driftloop.settings import get_settings
+    from driftloop.sweep import run_sweep
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import httpx
+
+        wait_for(lambda: _up(httpx, f"http://127.0.0.1:{port}/health"), 90, what="mlflow server")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        s = get_settings()
+        d = load_spec(ROOT / "configs/rainfall.yaml").model_dump(mode="json")
+        d["sweep"].update(trials=1, concurrency=1, scheduler="fifo")
+        spec = parse_spec(d)
+        assert ingest("rainfall", s.table_uri("rainfall"), spec.dataset) == 0
+        o = run_sweep(spec, s, verbose=0)
+        assert o.data.rows == 7305  # the first 20 years
+        acc = float(registry.version_tags(s, "rainfall", o.version)["metric.test_accuracy"])
+        print(f"rainfall test accuracy (first 20 years): {acc:.3f}")
+        assert 0.65 <= acc <= 0.9
+        assert registry.champion_version(s, "rainfall") == o.version
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _up(httpx, url):
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except Exception:
+        return False
+
+
+def test_sweep_as_a_ray_job(trained, ray_cluster, tmp_path):
+    """`ray job submit --working-dir . -- python jobs/sweep.py --config …` on the running head node."""
+    spec = write_spec(tmp_path / "tiny.yaml", **{"name": "digitsjob", "sweep.trials": 2, "training.epochs": 2, "sweep.grace_period": 1})
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    r = subprocess.run([ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", ".",
+                        "--", sys.executable, "jobs/sweep.py", "--config", str(spec), "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("{") and '"trials"' in ln))
+    assert out["trials"] == 2 and out["model"] == "digitsjob" and out["version"] == 1 and out["promoted"]
