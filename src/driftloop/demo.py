@@ -242,7 +242,9 @@ def _plot(summary: dict[str, Any], path: Path) -> Path:
     pts = sorted(summary["_points"])
     if pts:
         xs = np.array([p[0] for p in pts])
-        ys = np.convolve(np.array([p[1] for p in pts], float), np.ones(100) / 100, mode="same")
+        c = np.cumsum(np.array([p[1] for p in pts], float))
+        n = np.minimum(np.arange(1, len(c) + 1), 100)
+        ys = (c - np.concatenate([np.zeros(100), c[:-100]])[: len(c)]) / n  # trailing mean of the last 100 rows
         ax2.plot(xs, ys, color="black", alpha=0.5, linewidth=1, label="rolling accuracy (100 rows)")
     ax2.set_ylim(0, 1.05)
     ax2.set_ylabel("rolling accuracy")
