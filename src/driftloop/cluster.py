@@ -42,9 +42,12 @@ def ensure_ray(settings: Settings, namespace: str = "driftloop") -> None:
 
 
 def dashboard_url() -> str:
-    """The Jobs API address of the connected cluster."""
+    """The Jobs API address of the connected cluster, as the dashboard advertises it in the GCS
+    (right inside any worker or replica, whatever port the dashboard was given)."""
     import ray
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
 
-    ctx = ray.get_runtime_context()
-    url = getattr(ctx, "dashboard_url", None) or ray._private.worker.get_dashboard_url()  # noqa: SLF001
+    addr = _internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    url = addr.decode() if addr else ray._private.worker.get_dashboard_url()  # noqa: SLF001
     return url if url.startswith("http") else f"http://{url}"

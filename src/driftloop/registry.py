@@ -123,7 +123,7 @@ def register_bundle(
         c.create_registered_model(spec.name)
     except Exception:
         pass  # already exists
-    mv = c.create_model_version(spec.name, source=f"models:/{info.model_id}", run_id=run_id, tags=tags)
+    mv = c.create_model_version(spec.name, source=f"models:/{info.model_id}", run_id=run_id, tags=tags, model_id=info.model_id)
     _wait_ready(c, spec.name, mv.version)
     return Bundle(spec.name, int(mv.version), run_id, f"models:/{spec.name}/{mv.version}", tags)
 

@@ -112,7 +112,13 @@ class JobTracker:
                    "next_retry_at": None}
             self.state["current"] = job
             self._save()
-        self._submit_once(sid, job)
+        try:
+            self._submit_once(sid, job)
+        except Exception as err:  # the Jobs API is unreachable: count it as a failed attempt, retried by tick()
+            with self._lock:
+                job["status"], job["status_error"] = "FAILED", f"submission failed: {str(err).splitlines()[0][:200]}"
+                self._save()
+            return {"submitted": False, "job": job, "why": job["status_error"]}
         return {"submitted": True, "job": job}
 
     def tick(self) -> dict[str, Any] | None:
@@ -122,7 +128,8 @@ class JobTracker:
             if not job or job.get("final"):
                 return job
             try:
-                status = str(self.client.get_job_status(job["submission_id"]).value)
+                status = job["status"] if job.get("status_error", "").startswith("submission failed") else \
+                    str(self.client.get_job_status(job["submission_id"]).value)
             except Exception as err:
                 job["status_error"] = str(err).splitlines()[0][:200]
                 return job
@@ -141,8 +148,12 @@ class JobTracker:
                         job["attempt"] += 1
                         job["submission_id"] = submission_id(self.spec.name, job["champion_before"], self.state["generation"], job["attempt"])
                         job["status"], job["next_retry_at"] = "PENDING", None
+                        job.pop("status_error", None)
                         self._save()
-                        self._submit_once(job["submission_id"], job)
+                        try:
+                            self._submit_once(job["submission_id"], job)
+                        except Exception as err:
+                            job["status"], job["status_error"] = "FAILED", f"submission failed: {str(err).splitlines()[0][:200]}"
                 else:
                     job["final"] = True
                     job["finished_at"] = now

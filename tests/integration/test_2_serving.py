@@ -195,3 +195,51 @@ def test_champion_swap_under_load_drops_nothing(app, settings, trained):
     assert after and all(x["version"] == new for x in after), [x for x in after if x["version"] != new][:3]
     registry.rollback(settings, "digits")
     wait_for(lambda: httpx.get(f"{app}/healthz").json()["model_version"] == old, 30, what="rollback")
+
+
+def test_serve_deploy_path_admin_token_and_swap(serve_url, settings, trained, tmp_path, ray_cluster):
+    """`driftloop serve FILE` (serve deploy) with an admin token: 401 without it, 2xx with it, swap follows
+    the alias, and the token never appears in a log."""
+    import os
+    import secrets
+    from pathlib import Path
+
+    import yaml
+
+    from driftloop import registry
+    from tests.conftest import ROOT
+
+    token = "tok-" + secrets.token_hex(16)
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(token)
+    cfg = yaml.safe_load((ROOT / "serve_configs/digits.yaml").read_text())
+    cfg["http_options"]["port"] = int(serve_url.rsplit(":", 1)[1])
+    app = cfg["applications"][0]
+    app.update(name="deployed", route_prefix="/deployed")
+    app["args"]["spec"] = str(ROOT / "configs/digits.yaml")
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = run_cli("serve", str(path), env={"DRIFTLOOP_ADMIN_TOKEN_FILE": str(token_file)}, timeout=400)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"deployed: {serve_url}/deployed/predict" in r.stdout
+    url = f"{serve_url}/deployed"
+    champion = registry.champion_version(settings, "digits")
+    assert httpx.get(f"{url}/healthz").json()["model_version"] == champion
+    assert httpx.post(f"{url}/admin/rollback").status_code == 401
+    assert httpx.post(f"{url}/admin/rollback", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    other = max(v["version"] for v in registry.list_versions(settings, "digits") if v["version"] != champion)
+    ok = httpx.post(f"{url}/admin/promote/{other}", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["champion"] == other
+    wait_for(lambda: all(httpx.get(f"{url}/healthz").json()["model_version"] == other for _ in range(10)), 30,
+             what="deployed app to swap")
+    back = httpx.post(f"{url}/admin/rollback", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    assert back.status_code == 200 and back.json()["champion"] == champion
+    # the token is in no log written during the test: Ray's session logs (Serve access and replica logs)
+    import ray
+
+    logs_dir = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"  # noqa: SLF001
+    leaked = [p for p in logs_dir.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+    assert not leaked, leaked
+    from ray import serve
+
+    serve.delete("deployed")

@@ -62,13 +62,13 @@ def test_failed_retraining_is_retried_and_leaves_the_champion(settings, trained,
         job = wait_for(lambda: (j := tracker.tick()) and j.get("final") and j, 240, every=1, what="job to end")
     finally:
         marker.unlink()
-        tracker.path.unlink()  # leave no job history behind for the end-to-end test
     assert job["status"] == "FAILED" and job["attempt"] == 1  # retried once, per policy
     ids = {j.submission_id for j in retrain_jobs(ray_cluster["dashboard"], "digits")}
     assert {"driftloop-retrain-digits-v%d-g100" % champion, "driftloop-retrain-digits-v%d-g100-r1" % champion} <= ids
     assert registry.champion_version(settings, "digits") == champion
     st = run_cli("status", "digits")
-    assert st.returncode == 0 and "FAILED" in st.stdout
+    assert st.returncode == 0 and "FAILED" in st.stdout and "driftloop-retrain-digits-v%d-g100-r1" % champion in st.stdout
+    tracker.path.unlink()  # leave no job history behind for the end-to-end test
 
 
 def test_drift_triggers_one_job_that_promotes_and_swaps(settings, trained, serve_url, ray_cluster, tmp_path):

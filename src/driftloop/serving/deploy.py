@@ -23,8 +23,19 @@ def _ray_bin() -> str:
 
 def ensure_head() -> str:
     """The dashboard address of the cluster to deploy to; starts a local head (127.0.0.1) if none runs."""
-    if os.environ.get("RAY_ADDRESS", "").startswith("http"):
-        return os.environ["RAY_ADDRESS"]
+    for var in ("DRIFTLOOP_JOBS_ADDRESS", "RAY_ADDRESS"):
+        if os.environ.get(var, "").startswith("http"):
+            return os.environ[var]
+    if os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        from driftloop.cluster import dashboard_url
+
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        try:
+            return dashboard_url()
+        finally:
+            ray.shutdown()
     probe = subprocess.run([_ray_bin(), "status"], capture_output=True, text=True, timeout=60)
     if probe.returncode != 0:
         cmd = [_ray_bin(), "start", "--head", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",

@@ -1,0 +1,76 @@
+"""Shared set-up for the benchmarks: a private DRIFTLOOP_HOME, local Ray, one trained digits champion."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine() -> dict:
+    import psutil
+    import ray
+    import torch
+
+    return {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
+            "platform": platform.platform()}
+
+
+def setup_home(name: str) -> Path:
+    import shutil
+
+    home = ROOT / ".driftloop" / "bench" / name
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    os.environ.update({"DRIFTLOOP_HOME": str(home), "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+                       "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                       "DRIFTLOOP_POLL_S": "1.0"})
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return home
+
+
+def train_champion(epochs: int = 10):
+    """Ingest digits and train one model (no sweep) with Ray Train; register and promote it."""
+    from driftloop.cluster import ensure_ray
+    from driftloop.config import load_spec, parse_spec
+    from driftloop.data import tables
+    from driftloop.data.ingest import ingest
+    from driftloop.registry import client, experiment_id
+    from driftloop.settings import get_settings
+    from driftloop.sweep import finish_training
+    from driftloop.train import default_hparams, make_trainer
+
+    s = get_settings().ensure()
+    d = load_spec(ROOT / "configs/digits.yaml").model_dump(mode="json")
+    d["training"]["epochs"] = epochs
+    spec = parse_spec(d)
+    ingest("digits", s.table_uri("digits"), spec.dataset)
+    dv = tables.data_version(s.table_uri("digits"))
+    ensure_ray(s)
+    res = make_trainer(spec, dv, default_hparams(spec), "bench", str(s.home / "ray_results")).fit()
+    run = client(s).create_run(experiment_id(s, spec.name), run_name="bench")
+    with res.checkpoint.as_directory() as ckpt:
+        out = finish_training(spec, s, dv, Path(ckpt), run.info.run_id)
+    return spec, s, out
+
+
+class Timer:
+    def __enter__(self):
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *a):
+        self.s = time.perf_counter() - self.t

@@ -1,0 +1,139 @@
+"""Serving cost of drift monitoring: (a) driftloop with the monitor, (b) the same app with monitoring off,
+(c) plain FastAPI + uvicorn serving the same torch model, (d) the model's forward pass in-process, batched.
+Load: an async httpx client on this machine, pinned concurrency and duration per cell."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+
+from bench.common import free_port
+
+DURATION_S = 8.0
+CONNECTIONS = (1, 16, 64)
+BATCHES = (1, 32)
+
+
+async def _load(url: str, body: bytes, conns: int, duration: float) -> dict:
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + duration
+
+    async def worker(client):
+        nonlocal errors
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            try:
+                r = await client.post(url, content=body, headers={"content-type": "application/json"})
+                if r.status_code != 200:
+                    errors += 1
+            except Exception:
+                errors += 1
+            lat.append(time.perf_counter() - t)
+
+    limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(conns)))
+        el = time.perf_counter() - t0
+    a = np.asarray(lat) * 1000
+    return {"rps": len(lat) / el, "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "errors": errors}
+
+
+def _bodies(features, pool):
+    import json
+
+    rows = [{f: float(v) for f, v in zip(features, r)} for r in pool[features].to_numpy()[:32]]
+    return {1: json.dumps({"row": rows[0]}).encode(), 32: json.dumps({"rows": rows}).encode()}
+
+
+PLAIN_APP = textwrap.dedent('''
+    import sys, json, numpy as np, torch, mlflow.pytorch
+    from fastapi import FastAPI, Request
+    import uvicorn
+    model = mlflow.pytorch.load_model(sys.argv[1]); torch.set_num_threads(1)
+    features = json.loads(sys.argv[3])
+    app = FastAPI()
+    @app.post("/predict")
+    async def predict(request: Request):
+        body = await request.json()
+        rows = [body["row"]] if "row" in body else body["rows"]
+        x = torch.tensor([[float(r[f]) for f in features] for r in rows], dtype=torch.float32)
+        with torch.no_grad():
+            p = model(x).numpy()
+        return {"predictions": [{"prediction": int(i), "probabilities": q.round(6).tolist()} for i, q in zip(p.argmax(1), p)]}
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
+''')
+
+
+def run() -> dict:
+    import httpx
+    from ray import serve
+
+    from bench.common import setup_home, train_champion
+    from driftloop import registry
+    from driftloop.data import examples
+    from driftloop.serving.app import DriftMonitor, Predictor
+
+    setup_home("serving")
+    spec, s, out = train_champion(epochs=6)
+    d = spec.model_dump(mode="json")
+    d["retraining"]["min_labelled_rows"] = 10**9  # no retraining during the benchmark
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
+    serve.run(Predictor.bind(DriftMonitor.bind(d), d, True, 256), name="mon", route_prefix="/mon")
+    serve.run(Predictor.bind(DriftMonitor.bind(d), d, False, 256), name="off", route_prefix="/off")
+    path = registry.download(s, spec.name, out["version"])
+    plain_port = free_port()
+    import json
+
+    plain = subprocess.Popen([sys.executable, "-c", PLAIN_APP, str(path), str(plain_port), json.dumps(spec.dataset.features)])
+    base = f"http://127.0.0.1:{port}"
+    targets = {"a_monitored": f"{base}/mon/predict", "b_monitoring_off": f"{base}/off/predict",
+               "c_plain_fastapi": f"http://127.0.0.1:{plain_port}/predict"}
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.post(targets["c_plain_fastapi"], content=_bodies(spec.dataset.features, examples.builtin("digits").pool)[1]).status_code == 200:
+                break
+        except Exception:
+            time.sleep(1)
+    bodies = _bodies(spec.dataset.features, examples.builtin("digits").pool)
+    rows = []
+    try:
+        for batch in BATCHES:
+            for conns in CONNECTIONS:
+                cell = {"batch": batch, "connections": conns}
+                for name, url in targets.items():
+                    asyncio.run(_load(url, bodies[batch], conns, 1.5))  # warm-up
+                    cell[name] = asyncio.run(_load(url, bodies[batch], conns, DURATION_S))
+                cell["d_in_process"] = _in_process(registry.load_model(path), spec, batch)
+                rows.append(cell)
+                print(f"serving batch={batch} conns={conns}: " + ", ".join(
+                    f"{k}={v['rps']:.0f}/s" for k, v in cell.items() if isinstance(v, dict)), flush=True)
+    finally:
+        plain.terminate()
+        serve.shutdown()
+    return {"duration_s": DURATION_S, "cells": rows,
+            "settings": "2 Predictor replicas (0.1 CPU), @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.002), "
+                        "access log off, default proxy ingress"}
+
+
+def _in_process(model, spec, batch: int) -> dict:
+    import torch
+
+    x = torch.zeros((batch, spec.n_features))
+    n, t0 = 0, time.perf_counter()
+    with torch.no_grad():
+        while time.perf_counter() - t0 < 2.0:
+            model(x)
+            n += 1
+    el = time.perf_counter() - t0
+    return {"rps": n / el, "p50_ms": el / n * 1000, "p99_ms": el / n * 1000, "errors": 0}

@@ -1,0 +1,30 @@
+"""The cloud cluster files: Ray's own validator for cluster.yaml; KubeRay manifests match the Serve config."""
+
+import yaml
+
+from tests.conftest import ROOT
+
+
+def test_cluster_yaml_passes_rays_validator():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(cfg))  # fills Ray's defaults, then raises on any schema violation
+    assert cfg["provider"]["type"] == "aws"
+    assert {"head", "cpu_worker", "gpu_worker"} <= set(cfg["available_node_types"])
+    start = " ".join(cfg["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in start and "--dashboard-host=127.0.0.1" in start
+    assert any("mlflow server" in c for c in cfg["head_setup_commands"])
+
+
+def test_kuberay_manifests_reference_the_same_serve_config():
+    service = yaml.safe_load((ROOT / "deploy/kuberay/rayservice.yaml").read_text())
+    job = yaml.safe_load((ROOT / "deploy/kuberay/rayjob-sweep.yaml").read_text())
+    assert service["kind"] == "RayService" and job["kind"] == "RayJob"
+    assert service["apiVersion"] == job["apiVersion"] == "ray.io/v1"
+    inline = yaml.safe_load(service["spec"]["serveConfigV2"])
+    shipped = yaml.safe_load((ROOT / "serve_configs/digits.yaml").read_text())
+    assert inline["applications"] == shipped["applications"]
+    assert job["spec"]["entrypoint"] == "python jobs/sweep.py --config configs/digits.yaml"
+    env = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in env
