@@ -43,12 +43,11 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: flo
     home = base.home / "demo"
     shutil.rmtree(home, ignore_errors=True)
     os.environ["DRIFTLOOP_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None) if "MLFLOW_TRACKING_URI" not in os.environ else None
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("DRIFTLOOP_POLL_S", "1.0")
     s = get_settings().ensure()
-    root = Path(__file__).resolve().parents[2]
-    spec_path = Path("configs/digits.yaml") if Path("configs/digits.yaml").is_file() else root.parent / "configs/digits.yaml"
+    root = Path(__file__).resolve().parents[2]  # the project root, when run from elsewhere
+    spec_path = Path("configs/digits.yaml") if Path("configs/digits.yaml").is_file() else root / "configs/digits.yaml"
     spec = load_spec(spec_path)
     d = spec.model_dump(mode="json")
     if quick:
@@ -82,8 +81,6 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: flo
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         from driftloop.serving.app import DriftMonitor, Predictor
 
-        spec_file = s.state_dir / "demo-spec.yaml"
-        spec_file.write_text(json.dumps(d))
         serve.run(Predictor.bind(DriftMonitor.bind(d), d, True, 256), name=spec.name, route_prefix=f"/{spec.name}")
         url = f"http://127.0.0.1:{port}"
         _say(quiet, f"serving {url}/{spec.name}/predict (2 replicas + drift monitor)")

@@ -6,10 +6,11 @@ from driftloop.config import SpecError
 from driftloop.data.ingest import SourceError
 from driftloop.data.tables import TableError
 from driftloop.data.validation import ValidationFailed
+from driftloop.replay import ScenarioError
 
 
 class LoopError(RuntimeError):
     """A step of the loop that cannot go on (no champion yet, unknown model, …)."""
 
 
-UserError = (SpecError, SourceError, TableError, ValidationFailed, LoopError)
+UserError = (SpecError, SourceError, TableError, ValidationFailed, LoopError, ScenarioError)
