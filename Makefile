@@ -19,7 +19,7 @@ demo: $(STAMP)  ## run the whole loop on the embedded default (local Ray, MLflow
 	$(VENV)/bin/driftloop demo
 
 test: $(STAMP)  ## every test, end-to-end ones included
-	$(VENV)/bin/python -m pytest -v --durations=15 tests/unit tests/integration
+	$(VENV)/bin/python -m pytest -v -rP --durations=15 tests/unit tests/integration
 
 test-fast: $(STAMP)  ## unit tests only (no Ray)
 	$(VENV)/bin/python -m pytest -m "not slow"

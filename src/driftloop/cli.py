@@ -234,7 +234,7 @@ def status_cmd(
 @app.command("retrain")
 @clean_errors
 def retrain_cmd(
-    config: Path = typer.Argument(..., help="model spec, e.g. configs/digits.yaml"),
+    config: Path = typer.Argument(..., metavar="NAME|SPEC", help="model name (uses configs/NAME.yaml) or a spec path"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for the job to finish"),
 ) -> None:
     """Manually trigger retraining: submits the retraining Ray job (same id rules as drift triggers)."""
@@ -246,7 +246,7 @@ def retrain_cmd(
 
     import time as _t
 
-    spec = load_spec(config)
+    spec = load_spec(config if config.suffix in (".yaml", ".yml", ".json") else Path("configs") / f"{config}.yaml")
     s = get_settings()
     from driftloop.cluster import ensure_ray
 

@@ -136,7 +136,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         proba_model = Probabilities(plain).eval()
         val_acc = accuracy(predict_proba(proba_model, splits.x_val), splits.y_val, spec.dataset.classes)
         test_acc = accuracy(predict_proba(proba_model, splits.x_test), splits.y_test, spec.dataset.classes)
-        metrics = {"epoch": epoch, "train_loss": total / max(n, 1), "val_accuracy": val_acc, "test_accuracy": test_acc}
+        metrics = {"epoch": epoch, "train_loss": total / max(n, 1), "val_accuracy": val_acc, "test_accuracy": test_acc,
+                   "resumed_from_epoch": start_epoch}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             last = epoch == hp["epochs"] - 1

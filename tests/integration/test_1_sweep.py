@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +176,21 @@ def test_sweep_as_a_ray_job(trained, ray_cluster, tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     out = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("{") and '"trials"' in ln))
     assert out["trials"] == 2 and out["model"] == "digitsjob" and out["version"] == 1 and out["promoted"]
+
+
+def test_training_survives_a_worker_failure(trained, settings, tmp_path):
+    """A Train worker process dies mid-run: the worker group restarts and resumes from the last checkpoint."""
+    from driftloop.config import parse_spec
+    from driftloop.train import default_hparams, make_trainer
+
+    spec, o = trained
+    d = spec.model_dump(mode="json")
+    d["training"].update(epochs=4, checkpoint_every=1, max_failures=2)
+    sp = parse_spec(d)
+    marker = tmp_path / "worker-died"
+    res = make_trainer(sp, o.data, default_hparams(sp), "worker-failure", str(settings.home / "ray_results"),
+                       extra={"fail_at_epoch": 2, "fail_marker": str(marker)}).fit()
+    assert marker.exists(), "the injected failure did not happen"
+    assert res.error is None and res.metrics["epoch"] == 3
+    print(f"worker died at epoch 2; training resumed from epoch {res.metrics['resumed_from_epoch']} and finished")
+    assert res.metrics["resumed_from_epoch"] == 2  # resumed from the epoch-1 checkpoint, not from scratch

@@ -200,7 +200,6 @@ def test_champion_swap_under_load_drops_nothing(app, settings, trained):
 def test_serve_deploy_path_admin_token_and_swap(serve_url, settings, trained, tmp_path, ray_cluster):
     """`driftloop serve FILE` (serve deploy) with an admin token: 401 without it, 2xx with it, swap follows
     the alias, and the token never appears in a log."""
-    import os
     import secrets
     from pathlib import Path
 

@@ -6,7 +6,7 @@ import pytest
 
 from driftloop.config import load_spec
 from driftloop.data import examples, tables
-from driftloop.data.ingest import ingest, ingest_frame
+from driftloop.data.ingest import ingest_frame
 from driftloop.data.validation import ValidationFailed
 from tests.conftest import ROOT, run_cli
 

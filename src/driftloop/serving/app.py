@@ -256,7 +256,6 @@ class DriftMonitor:
     # --- feedback ----------------------------------------------------------------------------------
     async def feedback(self, request_id: str, label: int) -> dict[str, Any]:
         """Record a ground-truth label durably; unknown request ids are refused."""
-        from driftloop.serving import logs
 
         self._ensure_tasks()
         deadline = time.monotonic() + 3.0
