@@ -42,6 +42,10 @@ def clean_errors(fn):
             _fail(str(err))
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except Exception as err:  # the registry's own errors (unknown model or version) are user errors too
+            if type(err).__name__ != "MlflowException":
+                raise
+            _fail(str(err).splitlines()[0])
 
     return wrapper
 
@@ -280,8 +284,24 @@ def demo_cmd(
 
 
 def main() -> None:
-    """Entry point of the `driftloop` console script."""
-    app()
+    """Entry point of the `driftloop` console script.
+
+    Once the command has finished and its output is flushed, the process exits without interpreter
+    finalisation: native thread pools (Arrow/Delta readers) have been seen to abort the process at
+    teardown ("terminate called without an active exception"), turning a finished command into exit -6.
+    """
+    import os
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # a command's output is its own, not MLflow's INFO chatter
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        app()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ class JobTracker:
 
     def _save(self) -> None:
         self.settings.ensure()
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # writers never share a temp file
         tmp.write_text(json.dumps(self.state, indent=1))
         tmp.replace(self.path)
 

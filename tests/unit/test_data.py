@@ -115,3 +115,10 @@ def test_cli_unknown_source_and_table(home):
     assert r.returncode == 2 and "no such file" in r.stderr
     r = run_cli("data", "versions", "nothing")
     assert r.returncode == 2 and "no Delta table" in r.stderr
+
+
+def test_cli_unknown_model_is_one_line(home):
+    for args in (("rollback", "nosuch"), ("status", "nosuch"), ("models", "nosuch")):
+        r = run_cli(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-800:]
+        assert len(r.stderr.strip().splitlines()) == 1 and "nosuch" in r.stderr
