@@ -483,22 +483,26 @@ class Predictor:
         self._ensure_tasks()
         return {"status": "ok", "model": self.spec.name, "model_version": self.current[1]}
 
-    @fastapi_app.post("/admin/retrain", summary="Trigger retraining now (bearer token)")
-    async def admin_retrain(self, request: Request):
+    def _admin_denied(self, request: Request) -> JSONResponse | None:
+        """403 while no admin token is configured, 401 for a missing or wrong one, None when allowed."""
         if self.admin_token is None:
             return _error(403, f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV} (or {ADMIN_TOKEN_ENV}_FILE)")
         if not _authorised(request, self.admin_token):
             return _error(401, "missing or wrong bearer token")
+        return None
+
+    @fastapi_app.post("/admin/retrain", summary="Trigger retraining now (bearer token)")
+    async def admin_retrain(self, request: Request):
+        if (denied := self._admin_denied(request)) is not None:
+            return denied
         return await self.monitor.trigger.remote("manual (HTTP)")
 
     @fastapi_app.post("/admin/promote/{version}", summary="Move the champion alias to VERSION (bearer token)")
     async def admin_promote(self, version: int, request: Request):
         from driftloop import registry
 
-        if self.admin_token is None:
-            return _error(403, f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV} (or {ADMIN_TOKEN_ENV}_FILE)")
-        if not _authorised(request, self.admin_token):
-            return _error(401, "missing or wrong bearer token")
+        if (denied := self._admin_denied(request)) is not None:
+            return denied
         try:
             await asyncio.to_thread(registry.promote, self.settings, self.spec.name, version, "manual (HTTP)")
         except Exception as err:
@@ -509,10 +513,8 @@ class Predictor:
     async def admin_rollback(self, request: Request):
         from driftloop import registry
 
-        if self.admin_token is None:
-            return _error(403, f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV} (or {ADMIN_TOKEN_ENV}_FILE)")
-        if not _authorised(request, self.admin_token):
-            return _error(401, "missing or wrong bearer token")
+        if (denied := self._admin_denied(request)) is not None:
+            return denied
         try:
             v = await asyncio.to_thread(registry.rollback, self.settings, self.spec.name)
         except Exception as err:
