@@ -193,4 +193,6 @@ def test_training_survives_a_worker_failure(trained, settings, tmp_path):
     assert marker.exists(), "the injected failure did not happen"
     assert res.error is None and res.metrics["epoch"] == 3
     print(f"worker died at epoch 2; training resumed from epoch {res.metrics['resumed_from_epoch']} and finished")
-    assert res.metrics["resumed_from_epoch"] == 2  # resumed from the epoch-1 checkpoint, not from scratch
+    # resumed from the last checkpoint the controller had registered (epoch 0 or 1: the epoch-1 report may
+    # still be in flight when the worker dies), never from scratch
+    assert 1 <= res.metrics["resumed_from_epoch"] <= 2
