@@ -191,7 +191,7 @@ def run_retrain(spec: Spec, settings: Settings, job_id: str, reason: str, drift_
     from driftloop.data import tables
     from driftloop.data.ingest import ingest_frame
     from driftloop.serving import logs
-    from driftloop.sweep import finish_training
+    from driftloop.sweep import data_sample, finish_training
     from driftloop.train import decode_hparams, make_trainer
 
     t0 = time.time()
@@ -228,7 +228,7 @@ def run_retrain(spec: Spec, settings: Settings, job_id: str, reason: str, drift_
     try:
         for k, v in hp.items():
             c.log_param(rid, k, json.dumps(v) if isinstance(v, list) else v)
-        registry.log_data_input(c, rid, spec, dv, tables.read(dv.uri, dv.version).head(20))
+        registry.log_data_input(c, rid, spec, dv, data_sample(spec, dv))
         t1 = time.time()
         result = make_trainer(spec, dv, hp, name=f"retrain-{job_id}", storage_path=str(settings.home / "ray_results")).fit()
         stages["training_s"] = time.time() - t1

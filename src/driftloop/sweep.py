@@ -24,7 +24,7 @@ def preflight(spec: Spec, settings: Settings, version: int | None = None) -> Dat
     if not tables.exists(uri):
         raise SpecError(f"dataset.table: no table {spec.dataset.table!r} at {uri} (run `driftloop data ingest`)")
     dv = tables.data_version(uri, version)
-    schema_cols = set(tables.read(uri, dv.version).columns)
+    schema_cols = set(tables.columns(uri, dv.version))
     missing = [f for f in spec.dataset.features if f not in schema_cols]
     if missing:
         raise SpecError(f"dataset.features: {missing[0]!r} is not a column of table {spec.dataset.table!r}")
@@ -72,7 +72,7 @@ def _trial(config: dict[str, Any], job: dict[str, Any]) -> None:
     trainer.fit()
 
 
-def _mlflow_callback(settings: Settings, parent_run_id: str, experiment_id: str, spec: Spec, dv: DataVersion):
+def _mlflow_callback(settings: Settings, parent_run_id: str, experiment_id: str, spec: Spec, dv: DataVersion, sample):
     """A Tune callback (runs in the driver) that mirrors every trial into a nested MLflow run, live."""
     from ray.tune import Callback
 
@@ -91,7 +91,7 @@ def _mlflow_callback(settings: Settings, parent_run_id: str, experiment_id: str,
                 self.runs[trial.trial_id] = rid
                 for k, v in trial.config.items():
                     self.c.log_param(rid, k, v)
-                registry.log_data_input(self.c, rid, spec, dv, _sample(spec, dv))
+                registry.log_data_input(self.c, rid, spec, dv, sample)
             return self.runs[trial.trial_id]
 
         def on_trial_start(self, iteration, trials, trial, **info):
@@ -115,7 +115,8 @@ def _mlflow_callback(settings: Settings, parent_run_id: str, experiment_id: str,
     return MlflowTrials()
 
 
-def _sample(spec: Spec, dv: DataVersion):
+def data_sample(spec: Spec, dv: DataVersion):
+    """The first rows of a data version, the example MLflow keeps with its dataset input."""
     return tables.read(dv.uri, dv.version, columns=spec.dataset.features + [spec.dataset.label]).head(20)
 
 
@@ -156,7 +157,8 @@ def run_sweep(spec: Spec, settings: Settings, data_version: int | None = None, v
         c.log_param(pid, k, v)
     if (commit := registry.git_commit()):
         c.set_tag(pid, "mlflow.source.git.commit", commit)
-    registry.log_data_input(c, pid, spec, dv, _sample(spec, dv))
+    sample = data_sample(spec, dv)
+    registry.log_data_input(c, pid, spec, dv, sample)
 
     storage = str(settings.home / "ray_results")
     job = {"spec": spec.model_dump(mode="json"), "data": dv.as_dict(), "sweep": sweep_name, "storage": storage}
@@ -177,7 +179,7 @@ def run_sweep(spec: Spec, settings: Settings, data_version: int | None = None, v
         tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, num_samples=sw.trials, search_alg=searcher,
                                     scheduler=scheduler, max_concurrent_trials=sw.concurrency),
         run_config=tune.RunConfig(name=sweep_name, storage_path=storage, verbose=verbose,
-                                  callbacks=[_mlflow_callback(settings, pid, exp_id, spec, dv)]),
+                                  callbacks=[_mlflow_callback(settings, pid, exp_id, spec, dv, sample)]),
     )
     try:
         results = tuner.fit()

@@ -89,29 +89,35 @@ def read(uri: str, version: int | None = None, columns: list[str] | None = None)
     return dt.to_pandas(columns=columns)
 
 
-def digest(uri: str, version: int | None = None) -> str:
-    """A stable fingerprint of one version: its schema and the immutable data files it consists of."""
-    dt = _table(uri, version)
+def _actions(dt) -> dict[str, list]:
     actions = dt.get_add_actions(flatten=True)
-    cols = actions.to_pydict() if hasattr(actions, "to_pydict") else pa.table(actions).to_pydict()
-    files = sorted(zip(cols["path"], cols["size_bytes"]))
+    return actions.to_pydict() if hasattr(actions, "to_pydict") else pa.table(actions).to_pydict()
+
+
+def _digest_of(dt, actions: dict[str, list]) -> str:
     h = hashlib.sha256(dt.schema().to_json().encode())
-    for path, size in files:
+    for path, size in sorted(zip(actions["path"], actions["size_bytes"])):
         h.update(f"{path}:{size}\n".encode())
     return "sha256:" + h.hexdigest()[:16]
 
 
-def data_version(uri: str, version: int | None = None) -> DataVersion:
-    """Pin a table version (latest when None) with its digest and row count."""
+def digest(uri: str, version: int | None = None) -> str:
+    """A stable fingerprint of one version: its schema and the immutable data files it consists of."""
     dt = _table(uri, version)
-    v = int(dt.version())
-    rows = sum(int(r) for r in _column(dt.get_add_actions(flatten=True), "num_records"))
-    return DataVersion(uri=uri, version=v, digest=digest(uri, v), rows=rows)
+    return _digest_of(dt, _actions(dt))
 
 
-def _column(batch, name: str) -> list:
-    d = batch.to_pydict() if hasattr(batch, "to_pydict") else pa.table(batch).to_pydict()
-    return d[name]
+def data_version(uri: str, version: int | None = None) -> DataVersion:
+    """Pin a table version (latest when None) with its digest and row count (one read of its log)."""
+    dt = _table(uri, version)
+    actions = _actions(dt)
+    rows = sum(int(r) for r in actions["num_records"])
+    return DataVersion(uri=uri, version=int(dt.version()), digest=_digest_of(dt, actions), rows=rows)
+
+
+def columns(uri: str, version: int | None = None) -> list[str]:
+    """Column names of a version, from its schema (no data read)."""
+    return [f.name for f in _table(uri, version).schema().fields]
 
 
 def versions(uri: str) -> list[dict]:
