@@ -202,8 +202,9 @@ class Spec(_Strict):
 
 def _format(err: ValidationError, where: str) -> str:
     first = err.errors()[0]
-    path = ".".join(str(p) for p in first["loc"]) or "(root)"
-    msg = first["msg"].removeprefix("Value error, ")
+    # a key can be any string (newlines, control characters): quote those so the error stays one line
+    path = ".".join(str(p) if str(p).isprintable() else repr(str(p)) for p in first["loc"]) or "(root)"
+    msg = " ".join(first["msg"].removeprefix("Value error, ").split())
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{where}: {path}: {msg}{more}"
 
