@@ -1,4 +1,6 @@
 import multiprocessing as mp
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -122,3 +124,47 @@ def test_cli_unknown_model_is_one_line(home):
         r = run_cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-800:]
         assert len(r.stderr.strip().splitlines()) == 1 and "nosuch" in r.stderr
+
+
+def _without_root_override():
+    """Run a child without CAP_DAC_OVERRIDE/CAP_FOWNER so file modes bind even when tests run as root."""
+    import ctypes
+
+    if os.geteuid() != 0:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def drop():
+        for cap in (1, 3):  # CAP_DAC_OVERRIDE, CAP_FOWNER
+            if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+    return drop
+
+
+def test_read_only_table_fails_ingest_cleanly_with_no_partial_version(home):
+    """The table's directory is read-only: ingest exits 2 with one line naming the table and the cause;
+    the table keeps its versions and gains no file."""
+    import subprocess
+    import sys
+
+    assert run_cli("data", "ingest", "digits", "--table", "digits").returncode == 0
+    table = home / "tables" / "digits"
+    before = sorted(p.relative_to(table) for p in table.rglob("*"))
+    for p in [table, *table.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        r = subprocess.run([str(Path(sys.executable).with_name("driftloop")), "data", "ingest", "digits", "--table", "digits"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ.copy(),
+                           preexec_fn=_without_root_override())
+        after = sorted(p.relative_to(table) for p in table.rglob("*"))
+    finally:
+        for p in [table, *table.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)
+    print("read-only ingest:", r.returncode, r.stderr.strip())
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr[-1500:]
+    assert err[0].startswith("error: ") and "digits" in err[0] and "ermission denied" in err[0]
+    assert after == before
+    versions = run_cli("data", "versions", "digits").stdout.strip().splitlines()[1:]
+    assert [ln.split()[0] for ln in versions] == ["0"]

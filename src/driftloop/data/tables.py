@@ -47,12 +47,27 @@ def exists(uri: str) -> bool:
     return DeltaTable.is_deltatable(uri)
 
 
+def _check_writable(uri: str) -> None:
+    """A local table whose directory (or log) cannot be written fails before any data file is written."""
+    import os
+    from pathlib import Path
+
+    if "://" in uri and not uri.startswith("file://"):
+        return  # object stores report their own permission errors
+    root = Path(uri.removeprefix("file://"))
+    for d in (root, root / "_delta_log"):
+        if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+            what = "the table directory" if d == root else "its _delta_log directory"
+            raise TableError(f"cannot write to {uri}: permission denied ({what} is read-only)")
+
+
 def append(uri: str, df: pd.DataFrame, metadata: dict[str, str] | None = None, want_version: bool = True) -> int | None:
     """Append one batch atomically as a new version and return that version's number (if asked)."""
     from deltalake import CommitProperties, write_deltalake
 
     if len(df) == 0:
         raise TableError("refusing to append an empty batch")
+    _check_writable(uri)
     table = pa.Table.from_pandas(df, preserve_index=False)
     try:
         write_deltalake(
