@@ -48,3 +48,28 @@ def test_online_detector_alarms_on_a_shift(fitted):
     x = rng.normal(size=(60, 4)).astype(np.float32) + 4.0
     res = online.update(x, np.zeros((60, 3), np.float32))
     assert res is not None and res.is_drift and res.distance > res.threshold
+
+
+@pytest.mark.parametrize("kind", ["mmd_online", "cvm_online"])
+def test_online_detector_state_survives_a_restart(kind, tmp_path):
+    """Snapshot an online detector mid-stream, restore it into a freshly loaded copy: both continue identically."""
+    from driftloop.drift import state
+
+    rng = np.random.default_rng(3)
+    x_ref = rng.normal(size=(200, 3)).astype(np.float32)
+    spec = DriftSpec(window=50, reference_rows=200, detectors=[DetectorSpec(kind=kind, ert=300, window_sizes=[10])])
+    path = fit_detectors(spec, x_ref, rng.dirichlet(np.ones(2), size=200).astype(np.float32), ["a", "b", "c"], tmp_path / "d")
+    live = load_detectors(path, 2)[0][0]
+    p = np.zeros((1, 2), np.float32)
+    live.update(rng.normal(size=(25, 3)).astype(np.float32), np.repeat(p, 25, 0))
+    assert live.time > 0
+    state.save(tmp_path / "s.npz", {}, live.get_state())
+    restarted = load_detectors(path, 2)[0][0]
+    assert restarted.time == 0
+    restarted.set_state(state.load(tmp_path / "s.npz")[1])
+    assert restarted.time == live.time
+    t = live.time
+    more = rng.normal(size=(5, 3)).astype(np.float32)
+    a, b = live.update(more, np.repeat(p, 5, 0)), restarted.update(more, np.repeat(p, 5, 0))
+    assert a.distance == pytest.approx(b.distance, rel=1e-5) and a.is_drift == b.is_drift
+    assert restarted.time == live.time > t

@@ -18,6 +18,9 @@ from driftloop.config import DetectorSpec, DriftSpec
 
 MANIFEST = "detectors.json"
 ONLINE_KINDS = {"cvm_online", "mmd_online"}
+# Drawn at random when an online detector is built (loading one builds it again): its thresholds (simulated) and,
+# for MMD, the reference/test split. A restarted detector must keep them, or its running state means nothing.
+RANDOM_SETUP = ("thresholds", "ref_inds", "init_test_inds", "k_xx_sub", "k_xx_sub_sum")
 
 
 @dataclass
@@ -59,7 +62,9 @@ def _build(d: DetectorSpec, x_ref: np.ndarray, p_val: float):
     if d.kind == "mmd_online":
         from alibi_detect.cd import MMDDriftOnline
 
-        return MMDDriftOnline(x_ref, ert=d.ert, window_size=d.window_sizes[0], backend="pytorch", verbose=False)
+        # thresholds are simulated; the (1 - 1/ert) quantile needs more bootstrap streams than ert
+        return MMDDriftOnline(x_ref, ert=d.ert, window_size=d.window_sizes[0], backend="pytorch",
+                              n_bootstraps=max(1000, 2 * d.ert), verbose=False)
     raise ValueError(f"unknown detector kind {d.kind!r}")
 
 
@@ -132,6 +137,48 @@ class LoadedDetector:
     @property
     def time(self) -> int:
         return int(getattr(self._det, "t", 0))
+
+    # --- durable state of an online detector (alibi-detect's `online_state_keys`), as plain arrays ---
+    def _stateful(self):
+        return getattr(self._det, "_detector", self._det)  # MMDDriftOnline delegates to its backend detector
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The online detector's running state (t, test window, kernel sums...) as numpy arrays; {} for batch ones.
+        alibi-detect's own `save_state` uses torch.save (pickle) for the pytorch backend; this stays pickle-free."""
+        if not self.online:
+            return {}
+        det = self._stateful()
+        out: dict[str, np.ndarray] = {}
+        for key in det.online_state_keys + RANDOM_SETUP:
+            v = getattr(det, key, None)
+            if v is None:
+                continue
+            if isinstance(v, list):
+                v = [float(x) for x in v]
+            out[key] = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        return out
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what `get_state` returned, keeping each attribute's type (torch tensor, array or number)."""
+        if not self.online or not state:
+            return
+        det = self._stateful()
+        for key in det.online_state_keys + RANDOM_SETUP:
+            if key not in state:
+                continue
+            cur, v = getattr(det, key, None), state[key]
+            if isinstance(cur, list):
+                import torch
+
+                setattr(det, key, [torch.as_tensor(x) if cur and hasattr(cur[0], "detach") else x for x in v.tolist()])
+            elif hasattr(cur, "detach"):
+                import torch
+
+                setattr(det, key, torch.as_tensor(v, dtype=cur.dtype, device=cur.device))
+            elif isinstance(cur, (int, np.integer)) or (cur is None and v.ndim == 0):
+                setattr(det, key, v.item() if v.ndim == 0 else v)
+            else:
+                setattr(det, key, v)
 
 
 def load_detectors(path: str | Path, n_classes: int | None = None) -> tuple[list[LoadedDetector], dict[str, Any]]:

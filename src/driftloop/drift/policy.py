@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ class PolicyState:
     last_trigger_at: float | None = None
     pending: str | None = None  # a reason waiting for enough labelled rows
     fired: int = 0
+    labelled_since: float = field(default_factory=time.time)  # `labelled` counts labels newer than this
 
 
 class Policy:
@@ -65,9 +67,10 @@ class Policy:
         """A manual trigger ignores the cooldown and the label minimum."""
         return self._emit("manual trigger", now, champion)
 
-    def retrained(self) -> None:
+    def retrained(self, now: float | None = None) -> None:
         """A retraining finished (promoted or not): labelled rows are now part of the data; windows restart."""
         self.state.labelled = 0
+        self.state.labelled_since = time.time() if now is None else now
         self._recent.clear()
         self.state.recent = []
 

@@ -79,6 +79,38 @@ class WindowedDetectors:
                 reports.append(self._close(now))
         return reports, alarms
 
+    # --- durable state: the open window, counters, recent verdicts, online detectors' running state ----
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(JSON-able meta, arrays) that `restore` turns back into this exact state."""
+        meta = {"model_version": self.model_version, "windows": self.windows, "samples": self.samples, "fill": self._fill,
+                "started": self._started, "online_last": self.online_last, "history": [r.as_dict() for r in self.history]}
+        arrays: dict[str, np.ndarray] = {}
+        if self._fill:
+            arrays["window_x"] = np.concatenate(self._x)
+            arrays["window_p"] = np.concatenate(self._p)
+        for d in self.online:
+            for key, v in d.get_state().items():
+                arrays[f"online/{d.name}/{key}"] = v
+        return meta, arrays
+
+    def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bool:
+        """Resume from a snapshot of the same model version; False (and nothing changed) for another version."""
+        if int(meta.get("model_version", -1)) != self.model_version:
+            return False
+        self.windows, self.samples = int(meta["windows"]), int(meta["samples"])
+        self._fill, self._started = int(meta["fill"]), meta.get("started")
+        self._x = [arrays["window_x"]] if self._fill else []
+        self._p = [arrays["window_p"]] if self._fill else []
+        self.online_last = dict(meta.get("online_last") or {})
+        self.history.clear()
+        for h in meta.get("history", []):
+            results = [DetectorResult(**r) for r in h.pop("detectors", [])]
+            self.history.append(WindowReport(**h, results=results))
+        for d in self.online:
+            prefix = f"online/{d.name}/"
+            d.set_state({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+        return True
+
     def _close(self, now: float) -> WindowReport:
         xw, pw = np.concatenate(self._x), np.concatenate(self._p)
         results = [d.predict(xw, pw) for d in self.batch]
