@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -106,10 +107,13 @@ class JobTracker:
             cur = self.state.get("current")
             if cur and cur.get("status") not in TERMINAL:
                 return {"submitted": False, "job": cur, "why": "a retraining job is already running"}
+            for seen in [cur] + self.state.get("history", []):
+                if seen and seen.get("trigger_at") == trig.at:  # a restarted monitor handing in the same trigger again
+                    return {"submitted": False, "job": seen, "why": "this trigger already has a job"}
             sid = submission_id(self.spec.name, trig.champion_version, self.state["generation"])
             job = {"submission_id": sid, "base_id": sid, "attempt": 0, "status": "PENDING", "reason": trig.reason,
                    "event_id": event_id, "champion_before": trig.champion_version, "submitted_at": time.time(),
-                   "next_retry_at": None}
+                   "trigger_at": trig.at, "next_retry_at": None}
             self.state["current"] = job
             self._save()
         try:
@@ -221,8 +225,13 @@ def run_retrain(spec: Spec, settings: Settings, job_id: str, reason: str, drift_
     ensure_ray(settings)
     c = registry.client(settings)
     exp = registry.experiment_id(settings, spec.name)
+    base_id = re.sub(r"-r\d+$", "", job_id)  # retries of one trigger share it
     tags = {"driftloop.kind": "retrain", "lineage.job_id": job_id, "lineage.drift_event": drift_event or "",
-            "lineage.trigger": reason[:250], "lineage.champion_before": str(champion)}
+            "lineage.trigger": reason[:250], "lineage.champion_before": str(champion), "lineage.trigger_id": base_id}
+    # an earlier attempt of this trigger that died without closing its run (e.g. MLflow was unreachable)
+    for stale in c.search_runs([exp], f"tags.`lineage.trigger_id` = '{base_id}' and attributes.status = 'RUNNING'"):
+        c.set_tag(stale.info.run_id, "failure", "attempt ended without closing its run; retried as " + job_id)
+        c.set_terminated(stale.info.run_id, "FAILED")
     run = c.create_run(exp, run_name=f"retrain-{job_id}", tags=tags)
     rid = run.info.run_id
     try:
@@ -277,7 +286,18 @@ def main(argv: list[str] | None = None) -> int:
         reason = json.loads(reason) if reason.startswith('"') else reason
     except ValueError:
         pass
-    summary = run_retrain(spec, get_settings(), a.job_id, reason, a.drift_event)
+    settings = get_settings()
+    try:
+        summary = run_retrain(spec, settings, a.job_id, reason, a.drift_event)
+    except Exception as err:  # the traceback goes to the job log; the last line says what failed, in one line
+        log.exception("retraining job %s failed", a.job_id)
+        first = str(err).splitlines()[0][:300] if str(err) else ""
+        if any(s in first for s in ("Max retries exceeded", "Connection refused", "NewConnectionError")):
+            first = "cannot reach the MLflow tracking server"
+        where = f" (MLflow at {settings.tracking_uri})" if "mlflow" in type(err).__module__.lower() or \
+            "connection" in (type(err).__name__ + first).lower() else ""
+        print(f"DRIFTLOOP_RETRAIN_FAILED {type(err).__name__}: {first}{where}; the champion is unchanged", flush=True)
+        return 1
     print("DRIFTLOOP_RETRAIN_SUMMARY " + json.dumps(summary, default=str))
     return 0
 

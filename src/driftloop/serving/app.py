@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict, deque
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ from driftloop.serving.validation import InvalidInput, parse_feedback, parse_jso
 
 log = logging.getLogger("ray.serve")
 POLL_S = float(os.environ.get("DRIFTLOOP_POLL_S", "1.0"))
+# Served rows travel predictor -> monitor in micro-batches, and monitor -> inference log (one Delta commit)
+# in larger ones: fewer RPCs and commits per request is most of what monitoring costs a 2-core machine.
+HANDOFF_S = float(os.environ.get("DRIFTLOOP_HANDOFF_S", "0.2"))
+LOG_FLUSH_S = float(os.environ.get("DRIFTLOOP_LOG_FLUSH_S", "2.0"))
 ADMIN_TOKEN_ENV = "DRIFTLOOP_ADMIN_TOKEN"
 PREDICT_TOKEN_ENV = "DRIFTLOOP_PREDICT_TOKEN"
 
@@ -90,6 +95,17 @@ class DriftMonitor:
         self.dropped_reported = 0
         self.restored: list[dict] = []
         self.retrain = None  # set lazily: the job tracker (driftloop.retrain.JobTracker)
+        try:  # one state file per Serve application: two apps serving the same model keep separate windows
+            app_name = serve.get_replica_context().app_name
+        except Exception:
+            app_name = "default"
+        self.state_path = self.settings.state_dir / f"monitor-{app_name}-{self.name}.npz"
+        self.pending_submit: dict | None = None  # a trigger decided but not yet handed to the job tracker
+        self._dirty = False
+        self.persisted_at: float | None = None
+        self.restored_state: dict | None = None
+        self.first_started_at = time.time()  # label counts are "since this application first started"
+        self.replica_started_at = self.first_started_at
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
         tags = ("model",)
@@ -104,6 +120,7 @@ class DriftMonitor:
             m.set_default_tags({"model": self.name})
         self._swap_if_needed_sync()
         self._restore_history()
+        self._restore_state()
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def _ensure_tasks(self) -> None:
@@ -131,16 +148,20 @@ class DriftMonitor:
         while True:
             await asyncio.sleep(POLL_S)
             try:
+                if self.pending_submit is not None:  # restored from a snapshot taken between decision and submission
+                    await self._submit_pending()
                 async with self._lock:
                     swapped = await asyncio.to_thread(self._swap_if_needed_sync)
                 if swapped:
                     self.policy.retrained()
+                    self._dirty = True
                 if self.retrain is not None:
                     job = await asyncio.to_thread(self.retrain.tick)
                     if job and job.get("final") and not job.get("seen_final"):
                         job["seen_final"] = True
                         if job["status"] == "SUCCEEDED" and not swapped:
                             self.policy.retrained()  # refused challenger: start counting afresh
+                        self._dirty = True
             except Exception:  # the registry may be briefly unreachable; keep serving with what we have
                 log.exception("alias poll failed")
 
@@ -156,6 +177,67 @@ class DriftMonitor:
                                  for r in df.itertuples()]
         except Exception:
             log.exception("could not read drift_events history")
+
+    # --- durable state: open window, online detectors, policy, pending trigger ----------------------
+    def _snapshot(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        meta: dict[str, Any] = {"saved_at": time.time(), "model": self.name, "policy": asdict(self.policy.state),
+                                "pending_submit": self.pending_submit, "first_started_at": self.first_started_at,
+                                "correct": {str(v): [bool(b) for b in q] for v, q in self.correct.items()}}
+        arrays: dict[str, np.ndarray] = {}
+        if self.detectors is not None:
+            meta["windows"], arrays = self.detectors.snapshot()
+        return meta, arrays
+
+    async def persist(self) -> None:
+        """Snapshot under the detectors' lock (so no window is half-added), write off the event loop."""
+        from driftloop.drift import state
+
+        async with self._lock:
+            self._dirty = False
+            meta, arrays = self._snapshot()
+        await asyncio.to_thread(state.save, self.state_path, meta, arrays)
+        self.persisted_at = meta["saved_at"]
+
+    def _restore_state(self) -> None:
+        """Resume where the last replica stopped. Labels committed after the snapshot are counted from the
+        feedback table, so a label acknowledged with 2xx is never lost to the policy."""
+        from driftloop.drift import state
+        from driftloop.drift.policy import Policy, PolicyState
+        from driftloop.serving import logs
+
+        snap = state.load(self.state_path)
+        if snap is None:
+            return
+        meta, arrays = snap
+        try:
+            self.policy = Policy(self.spec.retraining, PolicyState(**meta["policy"]))
+            self.pending_submit = meta.get("pending_submit")
+            self.first_started_at = float(meta.get("first_started_at", self.first_started_at))
+            for v, q in (meta.get("correct") or {}).items():
+                self.correct[int(v)] = deque(q, maxlen=self.spec.drift.window)
+            windows = bool(meta.get("windows")) and self.detectors is not None and self.detectors.restore(meta["windows"], arrays)
+            # the label counters come from the feedback table itself (the source of truth), not the snapshot
+            fb = logs.read_or_empty(logs.uris(self.settings, self.spec)["feedback"], ["ts"])
+            ts = fb["ts"].to_numpy() if len(fb) else np.zeros(0)
+            st = self.policy.state
+            late = int((ts > meta["saved_at"]).sum())
+            st.labelled = int((ts > st.labelled_since).sum())
+            st.labels_since_trigger = int((ts > (st.last_trigger_at or st.labelled_since)).sum())
+            self.feedback_count = int((ts >= self.first_started_at).sum())
+            self.restored_state = {"saved_at": meta["saved_at"], "windows": windows, "labels_after_snapshot": late,
+                                   "pending_submit": self.pending_submit is not None}
+            log.info("drift monitor for %s restored its state from %s", self.name, self.state_path)
+        except (KeyError, TypeError, ValueError):
+            log.exception("monitor state at %s unusable; starting afresh", self.state_path)
+
+    async def _submit_pending(self) -> None:
+        from driftloop.drift.policy import Trigger
+
+        p = self.pending_submit
+        tracker = self._tracker()
+        await asyncio.to_thread(tracker.submit, Trigger(p["reason"], p["at"], p["champion"]), p.get("event_id"))
+        self.pending_submit = None
+        await self.persist()
 
     # --- rows in -----------------------------------------------------------------------------------
     async def observe(self, batch: dict[str, Any]) -> int:
@@ -177,10 +259,13 @@ class DriftMonitor:
             return 0  # rows of a model we no longer monitor are logged but do not enter the new windows
         async with self._lock:
             reports, alarms = await asyncio.to_thread(self.detectors.add, x, proba)
+        self._dirty = True
         for rep in reports:
             await self._on_window(rep)
         for alarm in alarms:
             await self._on_trigger(self.policy.on_online_alarm(alarm.name, time.time(), self.version), alarm_event=alarm.as_dict())
+        if reports and self._dirty:
+            await self.persist()  # each closed window is durable before the next rows count
         return len(x)
 
     async def _on_window(self, rep) -> None:
@@ -211,8 +296,11 @@ class DriftMonitor:
             ev = {"event_id": event_id, "ended_at": trig.at, "started_at": trig.at, "model_version": self.version,
                   "index": -1, "rows": 0, "is_drift": True, "detectors": [alarm_event], "kind": "online", "trigger": trig.reason}
             await asyncio.to_thread(self._append, logs.uris(self.settings, self.spec)["drift_events"], logs.drift_event_frame(ev))
-        tracker = self._tracker()
-        await asyncio.to_thread(tracker.submit, trig, event_id)
+        # decided -> durable -> submitted -> durable: a crash in between resubmits the same trigger, which
+        # the tracker recognises (same trigger time), so a trigger is neither lost nor doubled
+        self.pending_submit = {"reason": trig.reason, "at": trig.at, "champion": trig.champion_version, "event_id": event_id}
+        await self.persist()
+        await self._submit_pending()
 
     def _tracker(self):
         if self.retrain is None:
@@ -228,12 +316,20 @@ class DriftMonitor:
         tables.append(uri, df, {"source": "driftloop-monitor"}, want_version=False)
 
     async def _flush_loop(self) -> None:
+        last_log = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             try:
-                await self.flush()
+                if time.monotonic() - last_log >= LOG_FLUSH_S or sum(len(b[0]) for b in self.log_buffer) >= 5000:
+                    last_log = time.monotonic()
+                    await self.flush()
             except Exception:
                 log.exception("inference log flush failed; will retry")
+            try:
+                if self._dirty:
+                    await self.persist()  # periodically: the open window and counters survive a crash
+            except Exception:
+                log.exception("monitor state not persisted; will retry")
 
     async def flush(self) -> int:
         """Write buffered served rows to the inference log (one Delta version per micro-batch)."""
@@ -275,6 +371,7 @@ class DriftMonitor:
         acc = float(np.mean(dq))
         self.m_acc.set(acc, tags={"model": self.name, "version": str(version)})
         trig = self.policy.on_labels(1, acc if len(dq) >= min(50, dq.maxlen) else None, now, self.version)
+        self._dirty = True
         if trig is not None:
             await self._on_trigger(trig)
         return {"status": 200, "request_id": request_id, "label": label, "model_version": version, "prediction": pred}
@@ -322,15 +419,20 @@ class DriftMonitor:
         return {
             "model": self.name, "model_version": self.version, "samples": d.samples if d else 0,
             "window": {"size": d.window if d else self.spec.drift.window, "fill": d.fill if d else 0, "index": d.windows if d else 0},
-            "detectors": [{"name": x.name, "kind": x.kind, "input": x.input, "online": x.online} for x in (d.batch + d.online)] if d else [],
+            "detectors": [{"name": x.name, "kind": x.kind, "input": x.input, "online": x.online, "t": x.time if x.online else None}
+                          for x in (d.batch + d.online)] if d else [],
             "recent": recent[::-1], "restored_history": self.restored[::-1], "online": d.online_last if d else {},
             "rolling_accuracy": acc, "feedback": self.feedback_count, "dropped_rows": self.dropped_reported,
             "policy": self.policy.snapshot(), "retraining": job,
+            "state": {"path": str(self.state_path), "persisted_at": self.persisted_at, "restored": self.restored_state,
+                      "pending_submit": self.pending_submit, "unsaved_changes": self._dirty,
+                      "replica_started_at": self.replica_started_at},
         }
 
     async def trigger(self, reason: str = "manual") -> dict[str, Any]:
         self._ensure_tasks()
         trig = self.policy.manual(time.time(), self.version)
+        self._dirty = True
         tracker = self._tracker()
         return await asyncio.to_thread(tracker.submit, trig, None)
 
@@ -415,7 +517,7 @@ class Predictor:
 
     async def _flush_loop(self) -> None:
         while True:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(HANDOFF_S)
             await self._flush()
 
     async def _flush(self) -> None:
