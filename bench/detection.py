@@ -83,13 +83,29 @@ def run() -> dict:
                         "median_delay_rows": float(np.median(hit)) if len(hit) > len(delays) / 2 else None,
                         "detected": f"{len(hit)}/{len(delays)}"}
             print(f"detection {det.kind}: false alarms {out['false_alarms'][det.kind]['rate']:.3f}", flush=True)
+        # Calibration on exchangeable clean windows: all 1,017 images the model never trained on, split at random
+        # into a fresh reference and a 500-row window, detectors refitted each time (no shift by construction).
+        x_unseen = np.concatenate([x_ref, ex.pool[feats].to_numpy(np.float32)])
+        p_unseen = predict_proba(model, x_unseen)
+        out["false_alarms_exchangeable"] = {}
+        for kind, n in (("bbsd", CLEAN_WINDOWS), ("ks", CLEAN_WINDOWS), ("mmd", 40)):
+            fa = 0
+            for w in range(n):
+                perm = np.random.default_rng(20_000 + w).permutation(len(x_unseen))
+                ref_i, win_i = perm[:-WINDOW], perm[-WINDOW:]
+                det = _fit([kind], x_unseen[ref_i], p_unseen[ref_i], feats, f"{tmp}/x{kind}{w}")[0]
+                fa += det.predict(x_unseen[win_i], p_unseen[win_i]).is_drift
+            out["false_alarms_exchangeable"][kind] = {"windows": n, "rate": fa / n}
+            print(f"detection {kind}: false alarms on exchangeable windows {fa / n:.3f}", flush=True)
         out["rainfall"] = _rainfall(tmp + "/rain")
     default = [d.kind for d in spec.drift.detectors]
     sev3 = [(k, s) for k in examples.CORRUPTIONS for s in (3, 4, 5)]
     first_window = all(any(out["digits"][d][f"{k}:{s}"]["median_delay_rows"] == WINDOW for d in default) for k, s in sev3)
     fa_default = max(out["false_alarms"][d]["rate"] for d in default)
+    fa_exch = max(out["false_alarms_exchangeable"][d]["rate"] for d in default)
     out["target"] = {"default_detectors": default, "every_severity_ge3_within_one_window": first_window,
-                     "false_alarm_rate_default_max": fa_default}
+                     "false_alarm_rate_default_max": fa_default, "false_alarm_rate_default_max_exchangeable": fa_exch,
+                     "false_alarm_ratio_to_1pct_target": fa_exch / 0.01}
     return out
 
 

@@ -25,6 +25,11 @@ def _ray_fresh():
 def main() -> int:
     only = set(sys.argv[1:])
     results: dict = {"machine": common.machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if only and (HERE / "results.json").is_file():  # rerun some benchmarks, keep the others' last results
+        kept = json.loads((HERE / "results.json").read_text())
+        results |= {k: v for k, v in kept.items() if k not in only and k not in ("machine", "started")}
+        results["started"] = kept.get("started", results["started"])
+        results["rerun"] = kept.get("rerun", {})
     for name in ("detection", "footprint", "serving", "training", "loop"):
         if only and name not in only:
             continue
@@ -38,6 +43,8 @@ def main() -> int:
         finally:
             _ray_fresh()
         results[name]["bench_seconds"] = round(time.perf_counter() - t, 1)
+        if only:
+            results.setdefault("rerun", {})[name] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         print(f"== {name} done in {results[name]['bench_seconds']}s", flush=True)
     add_ratios(results)
     (HERE / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -59,6 +66,9 @@ def add_ratios(r: dict) -> None:
         tr["speedup_ratio_2_over_1_workers"] = tr["runs"]["1_workers"]["wall_s"] / tr["runs"]["2_workers"]["wall_s"]
         sw = tr["sweeps"]
         tr["sweep_ratio_c2_over_c1_4_trials"] = sw["4_trials_c2"]["wall_s"] / sw["4_trials_c1"]["wall_s"]
+    lp = r.get("loop", {})
+    if (lp.get("summary") or {}).get("seconds_onset_to_swap"):
+        lp["onset_to_swap_ratio_to_120s_target"] = lp["summary"]["seconds_onset_to_swap"] / 120.0
     fp = r.get("footprint", {})
     if "help_s_median" in fp:
         fp["help_ratio_to_2s_target"] = fp["help_s_median"] / 2.0
@@ -69,7 +79,8 @@ def render(r: dict) -> str:
     m = r["machine"]
     out = ["# driftloop benchmarks", "",
            f"Machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, Python {m['python']}, Ray {m['ray']}, torch {m['torch']} "
-           f"({m['platform']}); run {r['started']}. Every figure below was measured in this run, beside its baseline.", ""]
+           f"({m['platform']}); run {r['started']}" + "".join(f"; {k} rerun {v}" for k, v in r.get("rerun", {}).items())
+           + ". Every figure below was measured beside its baseline in the same run.", ""]
     sv = r.get("serving")
     if sv and "cells" in sv:
         out += ["## Serving (digits, requests/s and latency)", "", f"Settings: {sv['settings']}. {sv['duration_s']} s per cell.", "",
@@ -97,9 +108,19 @@ def render(r: dict) -> str:
                 v = dt["digits"][k][col]
                 cells.append(f"{v['median_delay_rows']:.0f} ({v['detected']})" if v["median_delay_rows"] else f"- ({v['detected']})")
             out.append(f"| {col} | " + " | ".join(cells) + " |")
-        out += ["", "False alarms on clean windows: " + ", ".join(f"{k}: {v['rate']:.3f} over {v['windows']} windows" for k, v in dt["false_alarms"].items()),
+        exch = dt.get("false_alarms_exchangeable", {})
+        out += ["", "| false alarms on clean windows | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds),
+                "| exchangeable: random split of the 1,017 unseen images into reference + 500-row window, detector refitted | "
+                + " | ".join(f"{exch[k]['rate']:.3f} ({exch[k]['windows']})" if k in exch else "-" for k in kinds) + " |",
+                "| fixed reference, windows resampled from the 497-image pool | "
+                + " | ".join(f"{dt['false_alarms'][k]['rate']:.3f} ({dt['false_alarms'][k]['windows']})" for k in kinds) + " |",
+                "", "The second row reuses one small pool for every window, so its windows are not independent draws: "
+                "when that pool happens to differ from the reference, most windows flag together. The first row is the "
+                "detectors' calibration (no shift by construction), which is what the <= 1% target measures.", "",
                 f"Target (default set {dt['target']['default_detectors']}): every severity >= 3 within one window: "
-                f"**{dt['target']['every_severity_ge3_within_one_window']}**; max false-alarm rate {dt['target']['false_alarm_rate_default_max']:.3f} (target <= 0.01).",
+                f"**{dt['target']['every_severity_ge3_within_one_window']}**; false-alarm rate (exchangeable) "
+                f"{dt['target'].get('false_alarm_rate_default_max_exchangeable', float('nan')):.3f} (target <= 0.01; resampled pool "
+                f"{dt['target']['false_alarm_rate_default_max']:.3f}).",
                 "", f"Rainfall, year-over-year windows after the 20 reference years ({dt['rainfall']['years']} years): fraction of years flagged "
                 + ", ".join(f"{k} {v:.2f}" for k, v in dt["rainfall"]["flagged_fraction"].items()) + " (no ground-truth onset: the climate drifts gradually).",
                 "", "\"Failing Loudly\" (Rabanser et al., 2019) found BBSD (KS on softmax outputs) the strongest shift detector across "
@@ -124,7 +145,8 @@ def render(r: dict) -> str:
         s = lp["summary"]
         out += ["## Loop (driftloop demo --quick)", "", "| figure | value |", "|---|---|"]
         out += [f"| {k} | {v} |" for k, v in s.items()]
-        out += [f"| job stage {k} | {v:.1f} s |" for k, v in lp["job_stages_s"].items()]
+        out += ["", "| onset -> swap, by stage | seconds |", "|---|---|"]
+        out += [f"| {k} | {v:.1f} |" for k, v in lp.get("onset_to_swap_by_stage_s", {}).items()]
         out += ["", "Target: <= 120 s onset to swap. The figure includes waiting for 600 labelled drifted rows (min_labelled_rows) at the replay's pace.", ""]
     for name in ("serving", "detection", "footprint", "training", "loop"):
         if name in r and "error" in r[name]:

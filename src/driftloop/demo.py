@@ -95,6 +95,8 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: flo
         keys = ["detection_delay_rows", "accuracy_drifted_before", "accuracy_drifted_after", "seconds_onset_to_swap",
                 "retrain_job_id", "champion_before", "champion_after"]
         result = {k: summary[k] for k in keys} | {k: summary[k] for k in ("accuracy_clean", "failed_requests", "timeline_png", "total_seconds")}
+        # when each step of the loop happened (Unix seconds): onset, first drifted window, job submitted, swap
+        result["events_at"] = {k: (round(summary["_t0"] + v, 3) if v is not None else None) for k, v in summary["_marks"].items()}
         (out / "summary.json").write_text(json.dumps(result, indent=2))
         return result
     finally:
