@@ -123,7 +123,7 @@ def run() -> dict:
         serve.shutdown()
     return {"duration_s": DURATION_S, "cells": rows,
             "settings": "2 Predictor replicas (0.1 CPU), @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.002), "
-                        "access log off, default proxy ingress"}
+                        "access log off, default proxy ingress, rows handed to the monitor every 0.2 s, inference log committed every 2 s"}
 
 
 def _in_process(model, spec, batch: int) -> dict:

@@ -83,14 +83,18 @@ def test_predictor_replica_killed_at_50_rps(serve_url, serving_spec, trained):
         time.sleep(8)
         killed = kill_replica("faultsA", "Predictor")
         t_kill = time.monotonic()
-        # recovered: a new replica actor has replaced the dead one and Serve reports both RUNNING
-        wait_for(lambda: len(alive := replica_actors("faultsA", "Predictor")) == 2 and killed not in alive
-                 and running_replicas("faultsA", "Predictor") == 2, 60, every=0.25, what="a replacement Predictor replica")
+        # recovered: Serve noticed the death, started a replacement, and reports both replicas RUNNING again
+        wait_for(lambda: running_replicas("faultsA", "Predictor") < 2, 30, every=0.1, what="Serve to notice the dead replica")
+        noticed = time.monotonic() - t_kill
+        wait_for(lambda: running_replicas("faultsA", "Predictor") == 2, 60, every=0.1, what="a replacement Predictor replica")
         recovered = time.monotonic() - t_kill
+        alive = replica_actors("faultsA", "Predictor")
+        assert len(alive) == 2 and killed not in alive
         t.join(180)
         r = out["r"]
         print(f"replica killed at 50 rps: {r.failed} failed of {r.sent} ({100 * r.failed / r.sent:.2f}%), "
-              f"statuses {r.status_counts}; both replicas RUNNING again {recovered:.1f} s after the kill")
+              f"statuses {r.status_counts}; death noticed after {noticed:.1f} s, both replicas RUNNING again "
+              f"{recovered:.1f} s after the kill")
         assert r.sent == 1500 and r.failed <= 0.01 * r.sent
         assert recovered <= 30
         # full service: every replica answers

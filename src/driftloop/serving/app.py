@@ -234,9 +234,12 @@ class DriftMonitor:
         from driftloop.drift.policy import Trigger
 
         p = self.pending_submit
+        if p is None:  # the poll loop and a fresh trigger may both get here; the first one submitted it
+            return
         tracker = self._tracker()
         await asyncio.to_thread(tracker.submit, Trigger(p["reason"], p["at"], p["champion"]), p.get("event_id"))
-        self.pending_submit = None
+        if self.pending_submit is p:  # a newer trigger decided meanwhile stays pending
+            self.pending_submit = None
         await self.persist()
 
     # --- rows in -----------------------------------------------------------------------------------
