@@ -470,6 +470,10 @@ class Predictor:
         self._tasks: list[asyncio.Task] = []
         self.admin_token = _token(ADMIN_TOKEN_ENV)
         self.predict_token = _token(PREDICT_TOKEN_ENV)
+        try:  # which replica answered: lets an operator (and the fault tests) see a replacement come into service
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:
+            self.replica = uuid.uuid4().hex[:8]
         schema = fastapi_app.openapi()
         for path, op in schema.get("paths", {}).items():
             if path.endswith("/predict") and "post" in op:
@@ -586,7 +590,7 @@ class Predictor:
     @fastapi_app.get("/healthz", summary="Liveness and the model version this replica serves")
     async def healthz(self):
         self._ensure_tasks()
-        return {"status": "ok", "model": self.spec.name, "model_version": self.current[1]}
+        return {"status": "ok", "model": self.spec.name, "model_version": self.current[1], "replica": self.replica}
 
     def _admin_denied(self, request: Request) -> JSONResponse | None:
         """403 while no admin token is configured, 401 for a missing or wrong one, None when allowed."""
