@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -119,3 +121,25 @@ def wait_for(predicate, timeout: float, every: float = 0.5, what: str = "conditi
             return last
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def start_mlflow_server(port: int, backend: str, artifacts: Path) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:PORT over BACKEND; returns once /health answers."""
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+                              "--backend-store-uri", backend, "--artifacts-destination", str(artifacts), "--workers", "1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: server.poll() is None and _healthy(f"http://127.0.0.1:{port}/health"), 90, what="mlflow server")
+    except BaseException:
+        server.terminate()
+        raise
+    return server
+
+
+def _healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

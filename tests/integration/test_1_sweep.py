@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, run_cli
-from tests.integration.conftest import free_port, wait_for, write_spec
+from tests.integration.conftest import free_port, start_mlflow_server, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -134,14 +134,8 @@ def test_rainfall_first_20_years_against_an_mlflow_server(ray_cluster, session_h
     from driftloop.sweep import run_sweep
 
     port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_mlflow_server(port, f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "art")
     try:
-        import httpx
-
-        wait_for(lambda: _up(httpx, f"http://127.0.0.1:{port}/health"), 90, what="mlflow server")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
         s = get_settings()
         d = load_spec(ROOT / "configs/rainfall.yaml").model_dump(mode="json")
@@ -157,13 +151,6 @@ def test_rainfall_first_20_years_against_an_mlflow_server(ray_cluster, session_h
     finally:
         server.terminate()
         server.wait(30)
-
-
-def _up(httpx, url):
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except Exception:
-        return False
 
 
 def test_sweep_as_a_ray_job(trained, ray_cluster, tmp_path):

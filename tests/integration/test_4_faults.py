@@ -10,14 +10,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from driftloop.data import examples
 from tests.conftest import ROOT
-from tests.integration.conftest import free_port, wait_for, write_spec
+from tests.integration.conftest import free_port, start_mlflow_server, wait_for, write_spec
 
 pytestmark = pytest.mark.slow
 F = examples.DIGITS_FEATURES
@@ -232,19 +231,6 @@ def test_feedback_writer_killed_right_after_2xx_keeps_the_label(fault_app, setti
 # --- MLflow unreachable while a retraining job runs -------------------------------------------------------------
 
 
-def _mlflow_server(port: int, backend: str, art: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", backend, "--artifacts-destination", str(art), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def test_mlflow_down_during_retraining_fails_cleanly_and_is_retried(settings, trained, serve_url, ray_cluster, tmp_path, monkeypatch):
     """The tracking server (the registry the app and the job use) dies while the job trains: the job fails with
     one line naming MLflow, nothing is registered or promoted, the app keeps serving its champion, and the
@@ -261,10 +247,9 @@ def test_mlflow_down_during_retraining_fails_cleanly_and_is_retried(settings, tr
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = _mlflow_server(port, settings.tracking_uri, tmp_path / "art")  # the same store, over HTTP
+    server = start_mlflow_server(port, settings.tracking_uri, tmp_path / "art")  # the same store, over HTTP
     mlflow_env = {"MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     try:
-        wait_for(lambda: _up(url), 90, what="mlflow server")
         for k, v in mlflow_env.items():
             monkeypatch.setenv(k, v)
         http_settings = dataclasses.replace(settings, tracking_uri=url)
@@ -300,8 +285,7 @@ def test_mlflow_down_during_retraining_fails_cleanly_and_is_retried(settings, tr
         answers = [httpx.post(f"{app}/predict", json={"row": row}, timeout=30) for _ in range(50)]
         assert all(a.status_code == 200 and a.json()["model_version"] == champion for a in answers)
         # the server comes back; the tracker's retry (after its backoff) succeeds
-        server = _mlflow_server(port, settings.tracking_uri, tmp_path / "art")
-        wait_for(lambda: _up(url), 90, what="mlflow server back")
+        server = start_mlflow_server(port, settings.tracking_uri, tmp_path / "art")  # back, on the same port
         job = wait_for(lambda: (j := tracker.tick()) and j.get("final") and j, 420, every=1, what="the retry to end")
         print(f"retry {job['submission_id']}: {job['status']}")
         assert job["status"] == "SUCCEEDED" and job["attempt"] >= 1
