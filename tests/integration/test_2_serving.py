@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 
 import httpx
 import numpy as np
@@ -159,7 +160,8 @@ def test_feedback_is_durable_before_2xx_and_feeds_rolling_accuracy(app, settings
     st = drift(app)
     acc = st["rolling_accuracy"][str(st["model_version"])]
     assert acc["labelled"] >= 30 and 0.8 <= acc["accuracy"] <= 1.0
-    bad = [({"request_id": "no-such-id", "label": 3}, 404, "unknown request_id"),
+    bad = [({"request_id": uuid.uuid4().hex, "label": 3}, 404, "unknown request_id"),
+           ({"request_id": "no-such-id", "label": 3}, 422, "not an id issued by /predict"),
            ({"request_id": ids[0], "label": 12}, 422, "not one of the model's classes"),
            ({"request_id": ids[0], "label": "seven"}, 422, "label: must be an integer")]
     for body, status, msg in bad:

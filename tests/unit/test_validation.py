@@ -54,16 +54,22 @@ def test_json_limits():
     assert parse_json(json.dumps({"row": {"a": 1}}).encode()) == {"row": {"a": 1}}
 
 
+RID = "0123456789abcdef" * 2  # the shape of an id /predict issues
+
+
 @pytest.mark.parametrize(
     "payload, message",
     [
-        ({"request_id": "r1", "label": 11}, "label: 11 is not one of the model's classes"),
-        ({"request_id": "r1", "label": "3"}, "label: must be an integer class"),
-        ({"request_id": "r1", "label": 2.5}, "label: must be an integer class"),
+        ({"request_id": RID, "label": 11}, "label: 11 is not one of the model's classes"),
+        ({"request_id": RID, "label": "3"}, "label: must be an integer class"),
+        ({"request_id": RID, "label": 2.5}, "label: must be an integer class"),
         ({"request_id": "", "label": 1}, "request_id: must be a non-empty string"),
         ({"request_id": "x" * 500, "label": 1}, "request_id: must be a non-empty string"),
+        ({"request_id": "no-such-id", "label": 1}, "request_id: not an id issued by /predict"),
+        ({"request_id": RID.upper(), "label": 1}, "request_id: not an id issued by /predict"),
+        ({"request_id": RID + "\n", "label": 1}, "request_id: not an id issued by /predict"),
         ({"label": 1}, "request_id"),
-        ({"request_id": "r", "label": 1, "extra": 1}, "unknown field 'extra'"),
+        ({"request_id": RID, "label": 1, "extra": 1}, "unknown field 'extra'"),
     ],
 )
 def test_bad_feedback(payload, message):
@@ -73,5 +79,5 @@ def test_bad_feedback(payload, message):
 
 
 def test_good_feedback():
-    assert parse_feedback({"request_id": "abc", "label": 3}, list(range(10))) == ("abc", 3)
-    assert parse_feedback({"request_id": "abc", "label": 3.0}, list(range(10))) == ("abc", 3)
+    assert parse_feedback({"request_id": RID, "label": 3}, list(range(10))) == (RID, 3)
+    assert parse_feedback({"request_id": RID, "label": 3.0}, list(range(10))) == (RID, 3)

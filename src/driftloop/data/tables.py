@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -98,10 +99,12 @@ def append(uri: str, df: pd.DataFrame, metadata: dict[str, str] | None = None, w
     return int(dt.version())
 
 
-def read(uri: str, version: int | None = None, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read a table at a version (latest when None), rows in the order they were appended."""
+def read(uri: str, version: int | None = None, columns: list[str] | None = None,
+         filters: list[tuple[str, str, Any]] | None = None) -> pd.DataFrame:
+    """Read a table at a version (latest when None), rows in the order they were appended; `filters`
+    (e.g. `[("request_id", "=", rid)]`) are pushed down to the Parquet scan."""
     dt = _table(uri, version)
-    return dt.to_pandas(columns=columns)
+    return dt.to_pandas(columns=columns, filters=filters)
 
 
 def _actions(dt) -> dict[str, list]:

@@ -44,10 +44,10 @@ def drift_event_frame(report: dict) -> pd.DataFrame:
     }])
 
 
-def read_or_empty(uri: str, columns: list[str] | None = None) -> pd.DataFrame:
+def read_or_empty(uri: str, columns: list[str] | None = None, filters: list | None = None) -> pd.DataFrame:
     if not tables.exists(uri):
         return pd.DataFrame(columns=columns or [])
-    return tables.read(uri, columns=columns)
+    return tables.read(uri, columns=columns, filters=filters)
 
 
 def labelled_rows(settings: Settings, spec: Spec, after_ts: float = 0.0) -> pd.DataFrame:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ import numpy as np
 MAX_BODY_BYTES = 1_000_000
 MAX_BATCH_ROWS = 256
 MAX_ID_CHARS = 128
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # what /predict issues (uuid4().hex); anything else is refused unlooked-up
 
 
 class InvalidInput(ValueError):
@@ -98,6 +100,8 @@ def parse_feedback(payload: Any, classes: list[int]) -> tuple[str, int]:
     rid = payload.get("request_id")
     if not isinstance(rid, str) or not rid or len(rid) > MAX_ID_CHARS:
         raise InvalidInput(f"request_id: must be a non-empty string of at most {MAX_ID_CHARS} characters")
+    if not REQUEST_ID.fullmatch(rid):
+        raise InvalidInput("request_id: not an id issued by /predict (32 lowercase hexadecimal characters)")
     label = payload.get("label")
     if isinstance(label, bool) or not isinstance(label, (int, float)) or (isinstance(label, float) and not label.is_integer()):
         raise InvalidInput("label: must be an integer class")
