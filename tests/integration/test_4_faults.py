@@ -85,17 +85,18 @@ def test_predictor_replica_killed_at_50_rps(serve_url, serving_spec, trained):
         killed = kill_replica("faultsA", "Predictor")
         t_kill = time.monotonic()
         # full service: a replacement replica answers requests (seen from the client, not from a status cache)
-        new = wait_for(lambda: (r := httpx.get(health, timeout=10)).status_code == 200 and
-                       r.json()["replica"] not in before and r.json()["replica"], 60, every=0.1,
-                       what="a replacement Predictor replica answering")
-        recovered = time.monotonic() - t_kill
+        h = wait_for(lambda: (r := httpx.get(health, timeout=10)).status_code == 200 and
+                     r.json()["replica"] not in before and r.json(), 60, every=0.1,
+                     what="a replacement Predictor replica answering")
+        recovered, new = time.monotonic() - t_kill, h["replica"]
         wait_for(lambda: running_replicas("faultsA", "Predictor") == 2, 60, every=0.2, what="Serve to report 2 RUNNING")
         alive = replica_actors("faultsA", "Predictor")
         assert len(alive) == 2 and killed not in alive and len(before) == 2
         t.join(180)
         r = out["r"]
         print(f"replica killed at 50 rps: {r.failed} failed of {r.sent} ({100 * r.failed / r.sent:.2f}%), "
-              f"statuses {r.status_counts}; replacement replica {new} answering {recovered:.1f} s after the kill")
+              f"statuses {r.status_counts}; replacement replica {new} answering {recovered:.1f} s after the kill "
+              f"(its constructor took {h['init_s']:.1f} s)")
         assert r.sent == 1500 and r.failed <= 0.01 * r.sent
         assert recovered <= 30
         # full service: every replica answers
@@ -211,11 +212,14 @@ def test_monitor_killed_mid_window_resumes_without_losing_or_doubling_a_trigger(
 
 def test_feedback_writer_killed_right_after_2xx_keeps_the_label(fault_app, settings, serve_url):
     from driftloop.data import tables
-    from driftloop.serving.logs import uris
+    from driftloop.serving.logs import read_or_empty, uris
 
     spec, url = fault_app
     row = {f: float(v) for f, v in zip(F, examples.builtin("digits").pool[F].to_numpy()[7])}
-    rid = httpx.post(f"{url}/predict", json={"row": row}, timeout=30).json()["request_id"]
+    served = httpx.post(f"{url}/predict", json={"row": row}, timeout=30).json()
+    rid, pred = served["request_id"], served["predictions"][0]["prediction"]
+    wait_for(lambda: rid in set(read_or_empty(uris(settings, spec)["inference"], ["request_id"])["request_id"]), 30,
+             what="the prediction in the inference log")
     pre = _settled(url)  # a snapshot from before the label exists
     before, started = pre["feedback"], pre["state"]["replica_started_at"]
     r = httpx.post(f"{url}/feedback", json={"request_id": rid, "label": 3}, timeout=30)
@@ -225,7 +229,11 @@ def test_feedback_writer_killed_right_after_2xx_keeps_the_label(fault_app, setti
     assert rid in set(fb["request_id"]) and int(fb[fb["request_id"] == rid]["label"].iloc[0]) == 3
     st = _new_monitor(url, started)
     assert st["state"]["restored"] and st["feedback"] >= before + 1, "the label counts after the restart"
-    print(f"label {rid} durable across the kill; monitor back with {st['feedback']} labels counted")
+    # the new monitor never saw this prediction: a corrected label is matched through the inference log
+    r = httpx.post(f"{url}/feedback", json={"request_id": rid, "label": 5}, timeout=30)
+    assert r.status_code == 200 and r.json()["prediction"] == pred, r.text
+    print(f"label {rid} durable across the kill; monitor back with {st['feedback']} labels counted; "
+          f"a corrected label for it was matched through the inference log")
 
 
 # --- MLflow unreachable while a retraining job runs -------------------------------------------------------------

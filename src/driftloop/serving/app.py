@@ -108,6 +108,7 @@ class DriftMonitor:
         self.replica_started_at = self.first_started_at
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
+        self._lookup_lock = asyncio.Lock()
         tags = ("model",)
         self.m_pval = metrics.Gauge("driftloop_drift_p_value", "Smallest p-value of a detector on the last window", tag_keys=("model", "detector"))
         self.m_score = metrics.Gauge("driftloop_drift_score", "Test statistic of a detector on the last window", tag_keys=("model", "detector"))
@@ -121,6 +122,7 @@ class DriftMonitor:
         self._swap_if_needed_sync()
         self._restore_history()
         self._restore_state()
+        self.init_s = time.time() - self.replica_started_at  # constructor time: detectors loaded, state restored
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def _ensure_tasks(self) -> None:
@@ -361,8 +363,9 @@ class DriftMonitor:
         while request_id not in self.known and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # the row may still be in a predictor's buffer
         known = self.known.get(request_id)
-        if known is None:
-            known = await asyncio.to_thread(self._lookup_logged, request_id)
+        if known is None:  # an older prediction: look it up in the inference log, one scan at a time, so a
+            async with self._lookup_lock:  # flood of unknown ids queues up instead of piling scans onto the CPU
+                known = self.known.get(request_id) or await asyncio.to_thread(self._lookup_logged, request_id)
         if known is None:
             return {"status": 404, "error": f"unknown request_id {request_id!r}"}
         version, pred = known
@@ -408,8 +411,8 @@ class DriftMonitor:
     def _lookup_logged(self, request_id: str) -> tuple[int, int] | None:
         from driftloop.serving import logs
 
-        df = logs.read_or_empty(logs.uris(self.settings, self.spec)["inference"], ["request_id", "model_version", "prediction"])
-        hit = df[df["request_id"] == request_id] if len(df) else df
+        hit = logs.read_or_empty(logs.uris(self.settings, self.spec)["inference"], ["request_id", "model_version", "prediction"],
+                                 filters=[("request_id", "=", request_id)])
         return (int(hit.iloc[-1]["model_version"]), int(hit.iloc[-1]["prediction"])) if len(hit) else None
 
     # --- visibility and admin ----------------------------------------------------------------------
@@ -429,7 +432,7 @@ class DriftMonitor:
             "policy": self.policy.snapshot(), "retraining": job,
             "state": {"path": str(self.state_path), "persisted_at": self.persisted_at, "restored": self.restored_state,
                       "pending_submit": self.pending_submit, "unsaved_changes": self._dirty,
-                      "replica_started_at": self.replica_started_at},
+                      "replica_started_at": self.replica_started_at, "init_s": round(self.init_s, 3)},
         }
 
     async def trigger(self, reason: str = "manual") -> dict[str, Any]:
@@ -451,6 +454,7 @@ class Predictor:
         from driftloop import registry
         from driftloop.settings import get_settings
 
+        started = time.time()
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.spec = Spec.model_validate(spec)
         self.settings = get_settings()
@@ -479,6 +483,7 @@ class Predictor:
             if path.endswith("/predict") and "post" in op:
                 op["post"]["requestBody"] = {"required": True, "content": {"application/json": {"schema": request_schema(self.features)}}}
         fastapi_app.openapi_schema = schema
+        self.init_s = time.time() - started  # constructor time: registry lookup, download, model load
 
     def _ensure_tasks(self) -> None:
         if not self._tasks:
@@ -590,7 +595,8 @@ class Predictor:
     @fastapi_app.get("/healthz", summary="Liveness and the model version this replica serves")
     async def healthz(self):
         self._ensure_tasks()
-        return {"status": "ok", "model": self.spec.name, "model_version": self.current[1], "replica": self.replica}
+        return {"status": "ok", "model": self.spec.name, "model_version": self.current[1], "replica": self.replica,
+                "init_s": round(self.init_s, 3)}
 
     def _admin_denied(self, request: Request) -> JSONResponse | None:
         """403 while no admin token is configured, 401 for a missing or wrong one, None when allowed."""
