@@ -71,6 +71,9 @@ def class_index(y: np.ndarray, classes: list[int]) -> np.ndarray:
     return np.array([lookup[int(v)] for v in y], dtype=np.int64)
 
 
+TRAIN_POLL_S = "0.25"
+
+
 def _wait_for_registered_checkpoint(ctx, epoch: int, timeout_s: float = 60.0) -> None:
     """Fault injection only: wait until Train's checkpoint-manager snapshot names a checkpoint of `epoch` or later."""
     storage = ctx.get_storage()
@@ -184,6 +187,11 @@ def make_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Train V2 hands each ray.train.report to its controller through a one-slot queue that the controller drains
+    # when it polls the workers, every 2 s by default: every epoch after the first waited up to 2 s for it (a
+    # small model's epoch takes ~0.05 s). Polling every 0.25 s costs a few actor calls a second and cut an
+    # 8-epoch, 2-worker run from 38 s to 23 s here. Train propagates the variable from the process that calls fit().
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
     t = spec.training
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
