@@ -11,6 +11,7 @@ from pathlib import Path
 
 
 def run() -> dict:
+    import httpx
     import psutil
     import ray
     from ray import serve
@@ -36,10 +37,25 @@ def run() -> dict:
     from driftloop.serving.app import DriftMonitor, Predictor
 
     d = spec.model_dump(mode="json")
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     t = time.perf_counter()
     serve.run(Predictor.options(num_replicas=1).bind(DriftMonitor.bind(d), d, True, 256), name="fp", route_prefix="/fp")
     app_ready = time.perf_counter() - t
+    # a replica's cold start, the way Serve pays it when one crashes: kill one Predictor replica (no traffic) and
+    # time until its replacement answers /healthz (worker process start, imports, registry lookup, model load)
+    base = f"http://127.0.0.1:{port}/fp"
+    first = httpx.get(f"{base}/healthz", timeout=30).json()["replica"]
+    t = time.perf_counter()
+    _kill_replica("fp", "Predictor")
+    h = _wait_json(f"{base}/healthz", lambda h: h["replica"] != first)
+    replica_ready, replica_init = time.perf_counter() - t, h["init_s"]
+    # the monitor likewise, until /drift shows a new monitor (detectors loaded, durable state restored)
+    started = httpx.get(f"{base}/drift", timeout=30).json()["state"]["replica_started_at"]
+    t = time.perf_counter()
+    _kill_replica("fp", "DriftMonitor")
+    st = _wait_json(f"{base}/drift", lambda d: d["state"]["replica_started_at"] != started)
+    monitor_ready, monitor_init = time.perf_counter() - t, st["state"]["init_s"]
     rss = {}
     for a in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")], detail=True):
         for name in ("Predictor", "DriftMonitor"):
@@ -51,5 +67,34 @@ def run() -> dict:
     serve.shutdown()
     return {"help_s_median": statistics.median(helps), "python_startup_s": statistics.median(bare),
             "cli_import_s": cli_import_us / 1e6, "app_cold_start_s": app_ready, "rss_mib": rss,
-            "note": "app cold start = serve.run until both deployments are RUNNING (replicas start in parallel); "
-                    "it includes downloading the model from the registry and loading the detectors"}
+            "replica_cold_start_s": replica_ready, "replica_init_s": replica_init,
+            "monitor_cold_start_s": monitor_ready, "monitor_init_s": monitor_init,
+            "note": "app cold start = serve.run until both deployments are RUNNING (replicas start in parallel), including "
+                    "downloading the model from the registry and loading the detectors. Replica cold start = a replica "
+                    "killed (ray.kill, no traffic) until its replacement answers over HTTP: Serve notices the death at once, "
+                    "then starts a worker process, imports torch/Ray/MLflow and runs the constructor."}
+
+
+def _kill_replica(app: str, deployment: str) -> None:
+    import ray
+    from ray.util.state import list_actors
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    name = next(a.name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000) if (a.name or "").startswith(prefix))
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+
+def _wait_json(url: str, ok, timeout_s: float = 120) -> dict:
+    """GET `url` every 50 ms until it answers 200 with a body for which `ok(body)` holds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url, timeout=30)
+            if r.status_code == 200 and ok(body := r.json()):
+                return body
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come back within {timeout_s} s")

@@ -61,6 +61,10 @@ def add_ratios(r: dict) -> None:
         cell["p50_overhead_ms_a_minus_b"] = a["p50_ms"] - b["p50_ms"]
         cell["throughput_ratio_a_over_c"] = a["rps"] / c["rps"] if c["rps"] else None
         cell["throughput_ratio_a_over_d"] = a["rps"] / cell["d_in_process"]["rps"]
+        if "e_monitored_direct" in cell:
+            e = cell["e_monitored_direct"]
+            cell["throughput_ratio_e_over_c"] = e["rps"] / c["rps"] if c["rps"] else None
+            cell["throughput_ratio_e_over_a"] = e["rps"] / a["rps"] if a["rps"] else None
     tr = r.get("training", {})
     if "runs" in tr:
         tr["speedup_ratio_2_over_1_workers"] = tr["runs"]["1_workers"]["wall_s"] / tr["runs"]["2_workers"]["wall_s"]
@@ -73,6 +77,8 @@ def add_ratios(r: dict) -> None:
     if "help_s_median" in fp:
         fp["help_ratio_to_2s_target"] = fp["help_s_median"] / 2.0
         fp["cold_start_ratio_to_10s_target"] = fp["app_cold_start_s"] / 10.0
+        if "replica_cold_start_s" in fp:
+            fp["replica_cold_start_ratio_to_10s_target"] = fp["replica_cold_start_s"] / 10.0
 
 
 def render(r: dict) -> str:
@@ -92,6 +98,14 @@ def render(r: dict) -> str:
                        f"{c['throughput_ratio_a_over_b']:.2f} | {c['throughput_ratio_a_over_c']:.2f} | {a['p50_ms']:.1f} | {b['p50_ms']:.1f} | "
                        f"{cc['p50_ms']:.1f} | {a['p99_ms']:.1f} | {c['p50_overhead_ms_a_minus_b']:+.1f} |")
         out.append("")
+        if all("e_monitored_direct" in c for c in sv["cells"]):
+            out += ["The same monitored application through Serve's direct ingress (no proxy hop), beside (a) and (c):", "",
+                    "| batch | conns | (e) monitored, direct rps | e/a | e/c | e p50 ms | e p99 ms |", "|---|---|---|---|---|---|---|"]
+            for c in sv["cells"]:
+                e = c["e_monitored_direct"]
+                out.append(f"| {c['batch']} | {c['connections']} | {e['rps']:.0f} | {c['throughput_ratio_e_over_a']:.2f} | "
+                           f"{c['throughput_ratio_e_over_c']:.2f} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} |")
+            out.append("")
     elif sv:
         out += ["## Serving", "", f"error: {sv.get('error')}", ""]
     dt = r.get("detection")
@@ -130,8 +144,13 @@ def render(r: dict) -> str:
         out += ["## Footprint", "", "| figure | measured | target | ratio |", "|---|---|---|---|",
                 f"| `driftloop --help` | {fp['help_s_median']:.2f} s (bare python start {fp['python_startup_s']:.2f} s) | <= 2 s | {fp['help_ratio_to_2s_target']:.2f} |",
                 f"| import driftloop.cli | {fp['cli_import_s']:.2f} s | | |",
-                f"| app cold start (Predictor + DriftMonitor RUNNING) | {fp['app_cold_start_s']:.1f} s | replica <= 10 s | {fp['cold_start_ratio_to_10s_target']:.2f} |",
-                f"| resident memory | {fp['rss_mib']} MiB | Predictor <= 600 MB | |", "", fp["note"], ""]
+                f"| app cold start (Predictor + DriftMonitor RUNNING) | {fp['app_cold_start_s']:.1f} s | | |"]
+        if "replica_cold_start_s" in fp:
+            out += [f"| Predictor replica killed -> replacement answering | {fp['replica_cold_start_s']:.1f} s "
+                    f"(of which its constructor {fp['replica_init_s']:.1f} s) | <= 10 s | {fp['replica_cold_start_ratio_to_10s_target']:.2f} |",
+                    f"| DriftMonitor killed -> replacement answering | {fp['monitor_cold_start_s']:.1f} s "
+                    f"(of which its constructor {fp['monitor_init_s']:.1f} s) | | |"]
+        out += [f"| resident memory | {fp['rss_mib']} MiB | Predictor <= 600 MB | |", "", fp["note"], ""]
     tr = r.get("training")
     if tr and "runs" in tr:
         out += ["## Training and sweeps", "", f"{tr['epochs']} epochs per run; Ray start {tr['ray_start_s']:.1f} s.", "",

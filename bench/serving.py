@@ -5,6 +5,7 @@ Load: an async httpx client on this machine, pinned concurrency and duration per
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,14 +20,17 @@ CONNECTIONS = (1, 16, 64)
 BATCHES = (1, 32)
 
 
-async def _load(url: str, body: bytes, conns: int, duration: float) -> dict:
+async def _load(url: str | list[str], body: bytes, conns: int, duration: float) -> dict:
+    """`conns` keep-alive connections posting `body` back to back; with several URLs (one per replica, for direct
+    ingress) the connections are spread over them round-robin, as a load balancer in front would."""
     import httpx
 
+    urls = [url] if isinstance(url, str) else url
     lat: list[float] = []
     errors = 0
     stop = time.perf_counter() + duration
 
-    async def worker(client):
+    async def worker(client, url):
         nonlocal errors
         while time.perf_counter() < stop:
             t = time.perf_counter()
@@ -41,7 +45,7 @@ async def _load(url: str, body: bytes, conns: int, duration: float) -> dict:
     limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
     async with httpx.AsyncClient(timeout=30, limits=limits) as client:
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(conns)))
+        await asyncio.gather(*(worker(client, urls[i % len(urls)]) for i in range(conns)))
         el = time.perf_counter() - t0
     a = np.asarray(lat) * 1000
     return {"rps": len(lat) / el, "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "errors": errors}
@@ -83,6 +87,9 @@ def run() -> dict:
     from driftloop.serving.app import DriftMonitor, Predictor
 
     setup_home("serving")
+    # Ray Serve's direct ingress (a Ray 2.60 feature flag, read when Serve starts): each ingress replica also
+    # listens on its own 127.0.0.1 port, beside the proxy on the usual one. The short drain keeps shutdown quick.
+    os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"})
     spec, s, out = train_champion(epochs=6)
     d = spec.model_dump(mode="json")
     d["retraining"]["min_labelled_rows"] = 10**9  # no retraining during the benchmark
@@ -97,7 +104,8 @@ def run() -> dict:
     plain = subprocess.Popen([sys.executable, "-c", PLAIN_APP, str(path), str(plain_port), json.dumps(spec.dataset.features)])
     base = f"http://127.0.0.1:{port}"
     targets = {"a_monitored": f"{base}/mon/predict", "b_monitoring_off": f"{base}/off/predict",
-               "c_plain_fastapi": f"http://127.0.0.1:{plain_port}/predict"}
+               "c_plain_fastapi": f"http://127.0.0.1:{plain_port}/predict",
+               "e_monitored_direct": [f"{u}/mon/predict" for u in direct_ingress_urls("mon")]}
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -123,7 +131,24 @@ def run() -> dict:
         serve.shutdown()
     return {"duration_s": DURATION_S, "cells": rows,
             "settings": "2 Predictor replicas (0.1 CPU), @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.002), "
-                        "access log off, default proxy ingress, rows handed to the monitor every 0.2 s, inference log committed every 2 s"}
+                        "access log off, rows handed to the monitor every 0.2 s, inference log committed every 2 s; "
+                        "(a) and (b) through Serve's proxy (the shipped default), (e) is (a) through direct ingress "
+                        "(RAY_SERVE_ENABLE_DIRECT_INGRESS=1: the client spreads its connections over the replicas' own ports)"}
+
+
+def direct_ingress_urls(app: str) -> list[str]:
+    """The HTTP addresses of an application's ingress replicas, from the Serve controller's target groups.
+    The replicas bind to Serve's http host, 127.0.0.1 here (the targets name the node's IP)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    groups = ray.get(controller.get_target_groups.remote(app))
+    urls = [f"http://127.0.0.1:{t.port}" for g in groups if g.app_name == app and str(g.protocol).upper().endswith("HTTP")
+            for t in g.targets]
+    if not urls:
+        raise RuntimeError(f"no direct-ingress targets for app {app!r}: {groups}")
+    return urls
 
 
 def _in_process(model, spec, batch: int) -> dict:
