@@ -139,8 +139,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if fail_at is not None and epoch == fail_at and rank == ctx.get_world_size() - 1:
             marker = Path(config["fail_marker"])
             if not marker.exists():
-                # die only once the controller has registered the previous epoch's checkpoint, so the test
-                # knows where training must resume (the controller polls workers every ~2 s)
+                # die only once the controller has registered the previous epoch's checkpoint (it collects
+                # reports when it polls the workers), so the test knows where training must resume
                 ce = spec.training.checkpoint_every
                 last_ckpt = (epoch // ce) * ce - 1  # the last epoch < `epoch` that wrote a checkpoint
                 if last_ckpt >= 0:
