@@ -28,3 +28,20 @@ def test_kuberay_manifests_reference_the_same_serve_config():
     assert job["spec"]["entrypoint"] == "python jobs/sweep.py --config configs/digits.yaml"
     env = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "RAY_AUTH_MODE", "value": "token"} in env
+
+
+def test_every_shipped_serve_config_passes_serves_schema():
+    """What `serve deploy` checks first: each file in serve_configs/ is valid YAML and a valid ServeDeploySchema,
+    bound to loopback, with the shipped deployment settings."""
+    from ray.serve.schema import ServeDeploySchema
+
+    files = sorted((ROOT / "serve_configs").glob("*.yaml"))
+    assert {f.name for f in files} >= {"all.yaml", "digits.yaml", "rainfall.yaml"}
+    for f in files:
+        cfg = ServeDeploySchema.model_validate(yaml.safe_load(f.read_text()))
+        assert cfg.http_options.host == "127.0.0.1", f.name
+        for app in cfg.applications:
+            deps = {d.name: d for d in app.deployments}
+            assert set(deps) == {"Predictor", "DriftMonitor"}, f.name
+            assert all(d.health_check_period_s == 2 for d in deps.values()), f.name
+            assert deps["Predictor"].num_replicas == 2 and deps["DriftMonitor"].num_replicas == 1, f.name
