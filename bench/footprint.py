@@ -71,8 +71,9 @@ def run() -> dict:
             "monitor_cold_start_s": monitor_ready, "monitor_init_s": monitor_init,
             "note": "app cold start = serve.run until both deployments are RUNNING (replicas start in parallel), including "
                     "downloading the model from the registry and loading the detectors. Replica cold start = a replica "
-                    "killed (ray.kill, no traffic) until its replacement answers over HTTP: Serve notices the death at once, "
-                    "then starts a worker process, imports torch/Ray/MLflow and runs the constructor."}
+                    "killed (ray.kill, no traffic) until its replacement answers over HTTP: Serve notices the death at the "
+                    "replica's next health check (every 2 s), then starts a worker process, imports torch/Ray/MLflow and "
+                    "runs the constructor."}
 
 
 def _kill_replica(app: str, deployment: str) -> None:
