@@ -85,7 +85,7 @@ def _wait_for_registered_checkpoint(ctx, epoch: int, timeout_s: float = 60.0) ->
                 latest = json.loads(f.read().decode()).get("latest_checkpoint_result") or {}
             if int(latest.get("metrics", {}).get("epoch", -1)) >= epoch:
                 return
-        except (FileNotFoundError, OSError, ValueError):
+        except (OSError, ValueError):  # not written yet, or caught mid-write
             pass
         time.sleep(0.2)
 
