@@ -121,8 +121,9 @@ def register_bundle(
     }
     try:
         c.create_registered_model(spec.name)
-    except Exception:
-        pass  # already exists
+    except Exception as err:
+        if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
     mv = c.create_model_version(spec.name, source=f"models:/{info.model_id}", run_id=run_id, tags=tags, model_id=info.model_id)
     _wait_ready(c, spec.name, mv.version)
     return Bundle(spec.name, int(mv.version), run_id, f"models:/{spec.name}/{mv.version}", tags)
@@ -137,13 +138,30 @@ def _wait_ready(c, name: str, version: str, timeout: float = 120) -> None:
     raise LoopError(f"model {name} version {version} did not become READY")
 
 
+class RegistryUnavailable(LoopError):
+    """The registry answered with an error (or not at all): never read as "no champion yet"."""
+
+
+def _is_absent(err: Exception) -> bool:
+    """True only for MLflow's own "no such model / no such alias" answers."""
+    code = getattr(err, "error_code", "")
+    msg = str(err).lower()
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in msg)
+
+
 def champion_version(settings: Settings, name: str) -> int | None:
-    """The version the `champion` alias points at, or None before the first promotion."""
-    c = client(settings)
+    """The version the `champion` alias points at; None only when the registry says there is none.
+
+    Any other failure (MLflow unreachable, a database error) raises RegistryUnavailable: reading an error
+    as "no champion" would let the gate promote an unvalidated challenger as the "first version".
+    """
     try:
-        return int(c.get_model_version_by_alias(name, CHAMPION).version)
-    except Exception:
-        return None
+        return int(client(settings).get_model_version_by_alias(name, CHAMPION).version)
+    except Exception as err:
+        if _is_absent(err):
+            return None
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise RegistryUnavailable(f"model registry at {settings.tracking_uri} unavailable: {first}") from err
 
 
 def download(settings: Settings, name: str, version: int, dst: str | Path | None = None) -> Path:
@@ -154,6 +172,12 @@ def download(settings: Settings, name: str, version: int, dst: str | Path | None
     target = Path(dst or tempfile.mkdtemp(prefix=f"{name}-v{version}-"))
     target.mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(target)))
+
+
+def _load_version(settings: Settings, name: str, version: int):
+    """A version's model in memory; its download is removed at once (the gate leaves no temporary copies)."""
+    with tempfile.TemporaryDirectory(prefix=f"{name}-v{version}-") as tmp:
+        return load_model(download(settings, name, version, tmp))
 
 
 def load_model(path: str | Path):
@@ -174,18 +198,20 @@ class Decision:
     champion_score: float | None
 
 
-def decide(challenger: float, champion: float | None, min_improvement: float) -> Decision:
+def decide(challenger: float, champion: float | None, min_improvement: float, tie_promotes: bool = False) -> Decision:
     """Promote the first version; otherwise only a challenger that beats the champion by the margin.
 
-    With a margin of 0 a tie is refused: replacing a model costs a swap and buys nothing.
+    With a margin of 0 a tie is refused: replacing a model costs a swap and buys nothing. Unless the challenger
+    carries the drift reference of the regime now served (`tie_promotes`): then the swap buys detectors that stop
+    flagging traffic both models handle equally well.
     """
     if champion is None:
         return Decision(True, "first version", challenger, None)
     if np.isnan(challenger):
         return Decision(False, "challenger score is NaN", challenger, champion)
     gain = challenger - champion
-    ok = gain >= min_improvement if min_improvement > 0 else gain > min_improvement
-    verdict = "beats" if ok else "does not beat"
+    ok = gain >= min_improvement if (min_improvement > 0 or tie_promotes) else gain > min_improvement
+    verdict = ("ties (and carries the current regime's drift reference)" if ok and gain == 0 else "beats") if ok else "does not beat"
     return Decision(ok, f"{verdict} champion: {challenger:.4f} vs {champion:.4f} ({gain:+.4f}, needs {min_improvement:+.4f})",
                     challenger, champion)
 
@@ -213,21 +239,23 @@ def record_decision(c, name: str, version: int, decision: str, reason: str, chal
 
 
 def gate_and_promote(settings: Settings, spec: Spec, version: int, x_eval: np.ndarray, y_eval: np.ndarray,
-                     eval_label: str) -> Decision:
+                     eval_label: str, tie_promotes: bool = False) -> Decision:
     """Score challenger and champion on the same evaluation rows; move the alias only if the gate passes."""
     from driftloop.model import accuracy, predict_proba
 
     c = client(settings)
-    champ = champion_version(settings, spec.name)
-    challenger_model = load_model(download(settings, spec.name, version))
-    ch_score = accuracy(predict_proba(challenger_model, x_eval), y_eval, spec.dataset.classes)
+    champ = champion_version(settings, spec.name)  # raises on a registry error: the gate refuses, never "first version"
+    ch_score = accuracy(predict_proba(_load_version(settings, spec.name, version), x_eval), y_eval, spec.dataset.classes)
     champ_score = None
     if champ is not None and champ != version:
-        champion_model = load_model(download(settings, spec.name, champ))
-        champ_score = accuracy(predict_proba(champion_model, x_eval), y_eval, spec.dataset.classes)
-    d = decide(ch_score, champ_score, spec.retraining.gate.min_improvement)
+        champ_score = accuracy(predict_proba(_load_version(settings, spec.name, champ), x_eval), y_eval, spec.dataset.classes)
+    d = decide(ch_score, champ_score, spec.retraining.gate.min_improvement, tie_promotes)
     if d.promote:
-        _move_alias(c, spec.name, version)
+        now = champion_version(settings, spec.name)
+        if now != champ:  # promoted by someone else while we scored: our comparison is stale
+            d = Decision(False, f"champion moved from {champ} to {now} during the gate", ch_score, champ_score)
+        else:
+            _move_alias(c, spec.name, version)
     record_decision(c, spec.name, version, "promoted" if d.promote else "refused", d.reason, ch_score, champ_score, champ, eval_label)
     return d
 
@@ -270,6 +298,7 @@ def list_versions(settings: Settings, name: str) -> list[dict[str, Any]]:
             "digest": t.get("data.digest", ""), "decision": t.get("gate.decision", ""), "reason": t.get("gate.reason", ""),
             "challenger_score": t.get("gate.challenger_score", ""), "champion_score": t.get("gate.champion_score", ""),
             "run_id": mv.run_id, "drift_event": t.get("lineage.drift_event", ""), "job_id": t.get("lineage.job_id", ""),
+            "cause": t.get("lineage.cause", ""), "reference": t.get("reference.source", ""),
             "created": mv.creation_timestamp,
         })
     return rows
