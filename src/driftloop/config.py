@@ -151,12 +151,23 @@ class DriftSpec(_Strict):
     detectors: list[DetectorSpec] = Field(default_factory=lambda: [DetectorSpec(kind="bbsd"), DetectorSpec(kind="ks")])
 
 
+class NewDataSpec(_Strict):
+    min_rows: int = Field(ge=1, description="retrain when the training table gains this many rows past the champion's data version")
+
+
 class PolicySpec(_Strict):
     k: int = Field(default=2, ge=1, description="drift in k of the last m windows")
     m: int = Field(default=3, ge=1)
+    warmup_windows: int | None = Field(default=None, ge=0, description="windows a new champion's detectors see before a "
+                                       "drift trigger counts (default: m)")
     online_alarm: bool = True
     accuracy_floor: float | None = Field(default=None, ge=0, le=1)
     new_labels: int | None = Field(default=None, ge=1)
+    new_data: NewDataSpec | None = None
+    window_drift: bool = Field(default=True, description="drift in k of m windows triggers (false: windows are only "
+                               "recorded, e.g. where the world always 'drifts' statistically and only the error matters)")
+    accuracy_drop: float | None = Field(default=None, gt=0, lt=1, description="retrain when a block of one window of "
+                                        "labels scores this much below the champion's earlier blocks")
 
     @model_validator(mode="after")
     def _k_le_m(self) -> "PolicySpec":
@@ -177,6 +188,11 @@ class RetrainSpec(_Strict):
     max_retries: int = Field(default=2, ge=0)
     backoff_s: float = Field(default=10, ge=0)
     sweep: bool = False
+    training_window: int | None = Field(default=None, ge=10, description="a retrain trains on the newest N rows of the "
+                                        "table (with the new labelled rows); none: all history")
+    reference: Literal["recent", "table"] = Field(
+        default="recent", description="the new champion's drift reference: the newest served rows it did not train on "
+        "(recent), or the held-out splits of its whole table (table)")
     eval_fraction: float = Field(default=0.3, gt=0, lt=1, description="labelled production rows held out for the gate")
     gate: GateSpec = Field(default_factory=GateSpec)
 

@@ -42,10 +42,12 @@ def split_frame(df, spec: Spec) -> Splits:
     return Splits(x[tr], y[tr], x[va], y[va], x[te], y[te])
 
 
-def load_splits(spec: Spec, dv: DataVersion) -> Splits:
+def load_splits(spec: Spec, dv: DataVersion, tail_rows: int | None = None) -> Splits:
+    """The seeded split of a data version, or of its newest `tail_rows` rows (a retrain's training window)."""
     from driftloop.data import tables
 
-    return split_frame(tables.read(dv.uri, dv.version, columns=spec.dataset.features + [spec.dataset.label]), spec)
+    df = tables.read(dv.uri, dv.version, columns=spec.dataset.features + [spec.dataset.label], ordered=True)
+    return split_frame(df.tail(tail_rows).reset_index(drop=True) if tail_rows else df, spec)
 
 
 def default_hparams(spec: Spec) -> dict[str, Any]:
@@ -106,7 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dv = DataVersion(**config["data"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    splits = load_splits(spec, dv)
+    splits = load_splits(spec, dv, config.get("tail_rows"))
     torch.manual_seed(spec.training.seed)
 
     model = build_model(spec.n_features, spec.n_classes, hp["hidden"], hp["dropout"])

@@ -168,3 +168,19 @@ def test_read_only_table_fails_ingest_cleanly_with_no_partial_version(home):
     assert after == before
     versions = run_cli("data", "versions", "digits").stdout.strip().splitlines()[1:]
     assert [ln.split()[0] for ln in versions] == ["0"]
+
+
+def test_a_training_window_is_the_newest_rows_in_append_order(tmp_path, spec):
+    """Delta's scan returns files newest first; a retrain's "newest N rows" must still be the newest appended."""
+    from driftloop.train import load_splits
+
+    uri = str(tmp_path / "digits")
+    ref = examples.builtin("digits").reference
+    for i in range(4):
+        batch = ref.iloc[i * 100 : (i + 1) * 100].copy()
+        batch["pixel_0"] = float(i)  # which batch a row came from
+        ingest_frame(batch, uri, spec.dataset, f"batch {i}")
+    assert tables.read(uri, ordered=True)["pixel_0"].tolist() == [0.0] * 100 + [1.0] * 100 + [2.0] * 100 + [3.0] * 100
+    s = load_splits(spec, tables.data_version(uri), tail_rows=150)
+    seen = np.concatenate([s.x_train[:, 0], s.x_val[:, 0], s.x_test[:, 0]])
+    assert len(seen) == 150 and sorted(set(seen)) == [2.0, 3.0] and (seen == 3.0).sum() == 100

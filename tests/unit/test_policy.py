@@ -72,3 +72,60 @@ def test_promotion_gate():
     refused = decide(0.5, 0.9, 0.0)
     assert not refused.promote and "0.5000 vs 0.9000" in refused.reason
     assert not decide(float("nan"), 0.9, 0.0).promote
+    tie = decide(0.9, 0.9, 0.0, tie_promotes=True)             # a challenger with the current regime's reference
+    assert tie.promote and "ties" in tie.reason
+    assert not decide(0.89, 0.9, 0.0, tie_promotes=True).promote
+
+
+def test_a_trigger_released_by_labels_keeps_the_drift_event_that_caused_it():
+    p = Policy(spec(policy=PolicySpec(k=1, m=1), min_labelled_rows=100))
+    assert p.on_window(True, 0, 1, event_id="ev-drift") is None      # deferred: too few labels
+    assert p.on_window(False, 1, 1, event_id="ev-clean") is None     # a later, clean window releases nothing
+    t = p.on_labels(100, None, 2, 1)
+    assert t is not None and t.event_id == "ev-drift" and t.cause == "drift event ev-drift"
+    assert Policy(spec()).manual(0, 1).cause == "manual"
+    floor = Policy(spec(policy=PolicySpec(accuracy_floor=0.8))).on_labels(1, 0.5, 0, 1)
+    assert floor.cause == "accuracy floor" and floor.event_id is None
+    assert Policy(spec(policy=PolicySpec(new_labels=1))).on_labels(1, None, 0, 1).cause == "labels"
+
+
+def test_after_a_swap_the_new_detectors_warm_up_and_the_cooldown_counts_from_the_swap():
+    p = Policy(spec(policy=PolicySpec(k=1, m=1, warmup_windows=3), cooldown_s=100))
+    assert p.on_window(True, 0, 1) is not None
+    p.retrained(now=500, swapped=True)                     # the challenger took over at t=500
+    assert p.on_window(True, 550, 2) is None               # cooling down from the swap (not from the trigger at 0)
+    assert p.on_window(True, 620, 2) is None               # cooled down, but the new detectors have seen 2 of 3 windows
+    t = p.on_window(True, 630, 2)
+    assert t is not None and t.champion_version == 2
+    assert p.snapshot()["windows_since_swap"] == 3
+
+
+def test_online_alarms_wait_for_the_warm_up_too():
+    p = Policy(spec(policy=PolicySpec(k=1, m=2), cooldown_s=0))
+    p.retrained(now=0, swapped=True)
+    assert p.on_online_alarm("cvm", 1, 2) is None
+    p.on_window(False, 2, 2)
+    p.on_window(False, 3, 2)
+    assert p.on_online_alarm("cvm", 4, 2, event_id="ev1").cause == "drift event ev1"
+
+
+def test_new_data_trigger_needs_its_minimum_and_names_the_version():
+    from driftloop.config import NewDataSpec
+
+    p = Policy(spec(policy=PolicySpec(new_data=NewDataSpec(min_rows=500)), cooldown_s=0))
+    assert p.on_new_data(499, 3, 0, 1) is None
+    t = p.on_new_data(500, 4, 1, 1)
+    assert t is not None and t.cause == "data version 4"
+    assert Policy(spec()).on_new_data(10**6, 4, 0, 1) is None    # not configured: never
+
+
+def test_each_refused_challenger_doubles_the_cooldown_until_a_swap():
+    p = Policy(spec(policy=PolicySpec(k=1, m=1), cooldown_s=100))
+    assert p.on_window(True, 0, 1) is not None
+    p.retrained(now=10)                                    # refused: the drift did not hurt this champion
+    assert p.on_window(True, 150, 1) is None               # cooldown is now 200 s from the trigger at 0
+    assert p.on_window(True, 201, 1) is not None
+    p.retrained(now=210)
+    assert p.snapshot()["cooldown_s"] == 400
+    p.retrained(now=300, swapped=True)
+    assert p.snapshot()["cooldown_s"] == 100 and p.state.refusals == 0

@@ -99,12 +99,30 @@ def append(uri: str, df: pd.DataFrame, metadata: dict[str, str] | None = None, w
     return int(dt.version())
 
 
+def ingested_since(uri: str, after_version: int) -> tuple[int, int]:
+    """(rows appended by ingests after `after_version`, the newest version): production rows that retraining
+    jobs add are not new data, so a refused challenger cannot make the table "grow" into another trigger."""
+    dt = _table(uri)
+    rows = sum(int(h.get("rows_appended") or 0) for h in dt.history()
+               if int(h["version"]) > after_version and not str(h.get("source", "")).startswith("production:"))
+    return rows, int(dt.version())
+
+
 def read(uri: str, version: int | None = None, columns: list[str] | None = None,
-         filters: list[tuple[str, str, Any]] | None = None) -> pd.DataFrame:
-    """Read a table at a version (latest when None), rows in the order they were appended; `filters`
-    (e.g. `[("request_id", "=", rid)]`) are pushed down to the Parquet scan."""
+         filters: list[tuple[str, str, Any]] | None = None, ordered: bool = False) -> pd.DataFrame:
+    """Read a table at a version (latest when None); `filters` (e.g. `[("request_id", "=", rid)]`) are pushed
+    down to the Parquet scan. Delta's own scan returns files in no promised order (newest first here), so
+    `ordered=True` reads them in commit order: rows in the order they were appended (a training window's
+    "newest N rows" depends on it)."""
     dt = _table(uri, version)
-    return dt.to_pandas(columns=columns, filters=filters)
+    if not ordered or filters is not None:
+        return dt.to_pandas(columns=columns, filters=filters)
+    acts = _actions(dt)
+    written = {p.rsplit("/", 1)[-1]: (t, p) for p, t in zip(acts["path"], acts["modification_time"])}
+    frags = sorted(dt.to_pyarrow_dataset().get_fragments(), key=lambda f: written.get(f.path.rsplit("/", 1)[-1], (0, f.path)))
+    if not frags:
+        return dt.to_pandas(columns=columns)
+    return pa.concat_tables([f.to_table(columns=columns) for f in frags]).to_pandas()
 
 
 def _actions(dt) -> dict[str, list]:

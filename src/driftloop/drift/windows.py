@@ -25,11 +25,12 @@ class WindowReport:
     ended_at: float
     is_drift: bool
     results: list[DetectorResult] = field(default_factory=list)
+    trigger: str = ""  # the retraining trigger this window caused, if any
 
     def as_dict(self) -> dict[str, Any]:
         return {"event_id": self.event_id, "model_version": self.model_version, "index": self.index, "rows": self.rows,
                 "started_at": self.started_at, "ended_at": self.ended_at, "is_drift": self.is_drift,
-                "detectors": [r.as_dict() for r in self.results]}
+                "detectors": [r.as_dict() for r in self.results], "trigger": self.trigger}
 
 
 class WindowedDetectors:
