@@ -93,7 +93,7 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: flo
         summary["timeline_png"] = str(png)
         _log_to_mlflow(s, spec, summary, png)
         keys = ["detection_delay_rows", "accuracy_drifted_before", "accuracy_drifted_after", "seconds_onset_to_swap",
-                "retrain_job_id", "champion_before", "champion_after"]
+                "retrain_job_id", "champion_before", "champion_after", "windows_after_swap", "windows_after_swap_flagged"]
         result = {k: summary[k] for k in keys} | {k: summary[k] for k in ("accuracy_clean", "failed_requests", "timeline_png", "total_seconds")}
         # when each step of the loop happened (Unix seconds): onset, first drifted window, job submitted, swap
         result["events_at"] = {k: (round(summary["_t0"] + v, 3) if v is not None else None) for k, v in summary["_marks"].items()}
@@ -192,7 +192,17 @@ async def _traffic(url: str, spec, quiet: bool, timeout_s: float) -> dict[str, A
                                  on_response=track(eval_stream))
     failed += r_after.failed
     _say(quiet, f"drifted traffic on the new champion: accuracy {r_after.accuracy:.3f}")
+    # 5. the loop converges: two more windows of the same regime, which the new champion's detectors (fitted on
+    #    that regime's newest served rows) should not flag, so the policy does not retrain again
+    more = examples.digits_stream(traffic_pool, 2 * window, onset=0, kind=kind, severity=sev, seed=500)
+    r_more = await replay_async(url, spec.name, more, feats, label, rps=0, labels=False, concurrency=16, on_response=track(more))
+    failed += r_more.failed
+    await asyncio.sleep(1.5)
     st = await drift_state()
+    new_version = st["model_version"]
+    after = [e for e in st["recent"] if e["model_version"] == new_version and new_version != old_version]
+    flagged_after = sum(e["is_drift"] for e in after)
+    _say(quiet, f"after the swap: {flagged_after} of {len(after)} windows of the same drifted regime flagged on v{new_version}")
     seen = {e["event_id"]: e for e in timeline + st["recent"]}
     return {
         "detection_delay_rows": detection_row,
@@ -201,6 +211,7 @@ async def _traffic(url: str, spec, quiet: bool, timeout_s: float) -> dict[str, A
         "accuracy_drifted_after": round(r_after.accuracy, 4),
         "seconds_onset_to_swap": round(t_swap - t_onset, 1) if t_swap else None,
         "retrain_job_id": job_id,
+        "windows_after_swap": len(after), "windows_after_swap_flagged": flagged_after,
         "failed_requests": failed,
         "_events": sorted(seen.values(), key=lambda e: e["ended_at"]),
         "_onset_row": onset_row,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from driftloop.backtest import BacktestError
 from driftloop.config import SpecError
 from driftloop.data.ingest import SourceError
 from driftloop.data.tables import TableError
@@ -13,4 +14,4 @@ class LoopError(RuntimeError):
     """A step of the loop that cannot go on (no champion yet, unknown model, …)."""
 
 
-UserError = (SpecError, SourceError, TableError, ValidationFailed, LoopError, ScenarioError)
+UserError = (SpecError, SourceError, TableError, ValidationFailed, LoopError, ScenarioError, BacktestError)
