@@ -160,13 +160,135 @@ def test_feedback_is_durable_before_2xx_and_feeds_rolling_accuracy(app, settings
     st = drift(app)
     acc = st["rolling_accuracy"][str(st["model_version"])]
     assert acc["labelled"] >= 30 and 0.8 <= acc["accuracy"] <= 1.0
-    bad = [({"request_id": uuid.uuid4().hex, "label": 3}, 404, "unknown request_id"),
+    bad = [({"request_id": signed_id(settings, st["model_version"], age_s=60), "label": 3}, 404, "unknown request_id"),
+           ({"request_id": uuid.uuid4().hex, "label": 3}, 422, "not an id issued by /predict"),
            ({"request_id": "no-such-id", "label": 3}, 422, "not an id issued by /predict"),
            ({"request_id": ids[0], "label": 12}, 422, "not one of the model's classes"),
            ({"request_id": ids[0], "label": "seven"}, 422, "label: must be an integer")]
     for body, status, msg in bad:
         r = httpx.post(f"{app}/feedback", json=body, timeout=30)
         assert r.status_code == status and msg in r.json()["error"]
+
+
+def signed_id(settings, version: int, rows: int = 1, age_s: float = 0.0, app_name: str = "digits") -> str:
+    """An id signed with the application's key (as /predict would issue it) that no row was served under."""
+    from driftloop.serving.ids import app_secret, issue
+
+    return issue(app_secret(settings.state_dir, app_name), version, rows, now=time.time() - age_s)
+
+
+def test_every_row_of_a_batch_can_be_labelled(app):
+    """Defect 1: row ids `<id>-<i>` of a batched answer got 422 and its request_id 404: no batch was labellable."""
+    pool = examples.builtin("digits").pool.iloc[100:104]
+    body = httpx.post(f"{app}/predict", json={"rows": rows_of(pool)}, timeout=30).json()
+    assert len({p["id"] for p in body["predictions"]}) == 4 and body["request_id"] not in {p["id"] for p in body["predictions"]}
+    for p, label in zip(body["predictions"], pool["digit"]):
+        r = httpx.post(f"{app}/feedback", json={"request_id": p["id"], "label": int(label)}, timeout=30)
+        assert r.status_code == 200 and r.json()["prediction"] == p["prediction"] and not r.json()["duplicate"], r.text
+    r = httpx.post(f"{app}/feedback", json={"request_id": body["request_id"], "label": 1}, timeout=30)
+    assert r.status_code == 422 and "label each row by its id" in r.json()["error"]
+    r = httpx.post(f"{app}/feedback", json={"request_id": f"{body['request_id']}-4", "label": 1}, timeout=30)
+    assert r.status_code == 422 and "row 4 does not exist in a batch of 4 rows" in r.json()["error"]
+
+
+def test_a_label_counts_once_even_when_repeated_or_sent_concurrently(app, settings, trained):
+    """Defect 2: every repeat of a label counted again (policy, feedback count, accuracy): one client could
+    trigger retraining by repeating one label."""
+    from driftloop.data import tables
+    from driftloop.serving.logs import uris
+
+    spec, _ = trained
+    pool = examples.builtin("digits").pool.iloc[200:202]
+    (row_a, row_b), (y_a, y_b) = rows_of(pool), [int(y) for y in pool["digit"]]
+    before = drift(app)
+    rid = httpx.post(f"{app}/predict", json={"row": row_a}, timeout=30).json()["request_id"]
+    first = httpx.post(f"{app}/feedback", json={"request_id": rid, "label": y_a}, timeout=30)
+    assert first.status_code == 200 and first.json()["duplicate"] is False
+    for _ in range(5):
+        again = httpx.post(f"{app}/feedback", json={"request_id": rid, "label": y_a}, timeout=30)
+        assert again.status_code == 200 and again.json()["duplicate"] is True, again.text
+    other = httpx.post(f"{app}/feedback", json={"request_id": rid, "label": (y_a + 1) % 10}, timeout=30)
+    assert other.status_code == 409 and f"already has label {y_a}" in other.json()["error"]
+    # two labels at once for one id: exactly one is recorded and counted
+    rid2 = httpx.post(f"{app}/predict", json={"row": row_b}, timeout=30).json()["request_id"]
+
+    async def together():
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(client.post(f"{app}/feedback", json={"request_id": rid2, "label": y_b})
+                                          for _ in range(12)))
+
+    answers = asyncio.run(together())
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    assert sum(not r.json()["duplicate"] for r in answers) == 1
+    after = drift(app)
+    assert after["feedback"] == before["feedback"] + 2
+    assert after["policy"]["labelled_rows"] == before["policy"]["labelled_rows"] + 2
+    fb = tables.read(uris(settings, spec)["feedback"])
+    assert (fb["request_id"] == rid).sum() == 1 and (fb["request_id"] == rid2).sum() == 1
+
+
+def test_forged_and_expired_ids_are_refused_at_once(app, settings):
+    """Defect 3: a well-formed unknown id held a slot for 3 s and a serialized log scan; now ids are signed and
+    a forged or expired one is refused before any lookup."""
+    version = drift(app)["model_version"]
+    real = signed_id(settings, version)
+    forged = real[:-1] + ("0" if real[-1] != "0" else "1")
+    cases = [(uuid.uuid4().hex, 422, "not an id issued by /predict"),  # the old shape: 404 after 3 s before
+             (forged, 422, "signature does not match"),
+             (signed_id(settings, version, age_s=31 * 86400), 410, "expired"),
+             (signed_id(settings, version, app_name="another-app"), 422, "signature does not match")]
+    for rid, status, msg in cases:
+        t0 = time.monotonic()
+        r = httpx.post(f"{app}/feedback", json={"request_id": rid, "label": 3}, timeout=30)
+        secs = time.monotonic() - t0
+        assert r.status_code == status and msg in r.json()["error"], (rid, r.status_code, r.text)
+        assert secs < 1.0, f"{rid}: {secs:.2f} s"
+
+
+def test_feedback_is_rate_limited_per_client(serve_url, serving_spec, trained):
+    from ray import serve
+
+    from driftloop.serving.app import build
+
+    serve.run(build({"spec": str(serving_spec), "feedback_rate": 1, "feedback_burst": 3}), name="ratelimited",
+              route_prefix="/ratelimited")
+    try:
+        with httpx.Client(base_url=f"{serve_url}/ratelimited", timeout=30) as client:
+            answers = [client.post("/feedback", json={"request_id": "x", "label": 1}) for _ in range(40)]
+        limited = [r for r in answers if r.status_code == 429]
+        assert len(limited) >= 40 - 2 * (3 + 5), [r.status_code for r in answers]  # 2 replicas: burst + refill each
+        assert all(r.status_code == 422 for r in answers if r.status_code != 429)
+        msg = limited[0].json()["error"]
+        assert "too many /feedback requests from 127.0.0.1" in msg and "at most 1/s (burst 3)" in msg
+        assert limited[0].headers["retry-after"] == "1"
+    finally:
+        serve.delete("ratelimited")
+
+
+def test_a_chunked_body_stops_at_the_limit(app):
+    """Defect 4: a body without content-length skipped the size check and was buffered whole; now reading stops
+    at 1 MB and answers 413 while the client is still sending."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(app)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+        sock.sendall(f"POST {u.path}/predict HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b"[" * 65536
+        for _ in range(20):  # 1.3 MB, and never the terminating chunk: only a reader that stops at the limit answers
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        sock.settimeout(20)
+        answer = b""
+        while b"\r\n\r\n" not in answer or b"}" not in answer:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert b"exceeds the limit of 1000000 bytes" in answer
+    st = drift(app)
+    assert "dropped_rows" in st and "inference_log_dropped_rows" in st
 
 
 def test_champion_swap_under_load_drops_nothing(app, settings, trained):

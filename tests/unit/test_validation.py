@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from driftloop.serving.validation import InvalidInput, parse_feedback, parse_json, parse_rows
+from driftloop.serving.ids import issue
+from driftloop.serving.validation import InvalidInput, check_table_name, parse_feedback, parse_json, parse_rows, read_limited
 
 FEATS = ["a", "b", "c"]
 
@@ -54,7 +55,7 @@ def test_json_limits():
     assert parse_json(json.dumps({"row": {"a": 1}}).encode()) == {"row": {"a": 1}}
 
 
-RID = "0123456789abcdef" * 2  # the shape of an id /predict issues
+RID = issue(b"k" * 32, 3, 1)  # the shape of an id /predict issues (signed: driftloop.serving.ids)
 
 
 @pytest.mark.parametrize(
@@ -81,3 +82,46 @@ def test_bad_feedback(payload, message):
 def test_good_feedback():
     assert parse_feedback({"request_id": RID, "label": 3}, list(range(10))) == (RID, 3)
     assert parse_feedback({"request_id": RID, "label": 3.0}, list(range(10))) == (RID, 3)
+
+
+def test_every_row_id_of_a_batch_passes_the_shape_check():
+    """Defect 1: /predict issues `<id>-<i>` for the rows of a batch; /feedback refused them (32 hex chars only)."""
+    from driftloop.serving.ids import row_ids
+
+    for rid in row_ids(issue(b"k" * 32, 3, 4), 4):
+        assert parse_feedback({"request_id": rid, "label": 1}, list(range(10))) == (rid, 1)
+    with pytest.raises(InvalidInput, match="not an id issued by /predict"):
+        parse_feedback({"request_id": "0123456789abcdef" * 2, "label": 1}, list(range(10)))  # the old unsigned shape
+
+
+def test_chunked_body_is_read_only_up_to_the_limit():
+    """Defect 4: a body without content-length was buffered whole; reading stops at the limit with 413."""
+    import asyncio
+
+    pulled = []
+
+    async def endless():
+        while True:
+            pulled.append(1)
+            yield b"x" * 65536
+
+    with pytest.raises(InvalidInput) as err:
+        asyncio.run(read_limited(endless(), 1_000_000))
+    assert err.value.status == 413 and "exceeds the limit of 1000000 bytes" in str(err.value)
+    assert len(pulled) <= 1_000_000 // 65536 + 1
+
+    async def small():
+        yield b'{"a": '
+        yield b"1}"
+
+    assert asyncio.run(read_limited(small())) == b'{"a": 1}'
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", "", "x y", "t\n", "/abs"])
+def test_table_names_that_leave_the_data_root_are_refused(name):
+    with pytest.raises(InvalidInput, match="is not allowed"):
+        check_table_name(name)
+
+
+def test_table_names_like_a_spec_allows():
+    assert check_table_name("digits_v2-a") == "digits_v2-a"

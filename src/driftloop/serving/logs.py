@@ -50,6 +50,22 @@ def read_or_empty(uri: str, columns: list[str] | None = None, filters: list | No
     return tables.read(uri, columns=columns, filters=filters)
 
 
+def lookup(uri: str, request_ids: list[str], columns: list[str], ts_from: float | None = None,
+           ts_to: float | None = None) -> dict[str, tuple]:
+    """The newest row of each of REQUEST_IDS as {id: (columns...)}: one read filtered by id and, when given, by
+    time, so the scan skips files outside the window instead of reading the whole log."""
+    filters: list = [("request_id", "in", list(request_ids))]
+    if ts_from is not None:
+        filters.append(("ts", ">=", float(ts_from)))
+    if ts_to is not None:
+        filters.append(("ts", "<=", float(ts_to)))
+    df = read_or_empty(uri, ["request_id", "ts", *columns], filters=filters)
+    if not len(df):
+        return {}
+    df = df.sort_values("ts", kind="stable").drop_duplicates("request_id", keep="last")
+    return {str(r[0]): tuple(r[2:]) for r in df[["request_id", "ts", *columns]].itertuples(index=False)}
+
+
 def labelled_rows(settings: Settings, spec: Spec, after_ts: float = 0.0) -> pd.DataFrame:
     """Served rows joined with their ground-truth labels (newest label per request wins)."""
     u = uris(settings, spec)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from typing import Any, AsyncIterator
 
 import numpy as np
 
 MAX_BODY_BYTES = 1_000_000
 MAX_BATCH_ROWS = 256
 MAX_ID_CHARS = 128
-REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # what /predict issues (uuid4().hex); anything else is refused unlooked-up
+# what /predict issues (driftloop.serving.ids): version.issued-ms.rows.random.mac, and `-<i>` for a row of a batch;
+# anything else is refused unlooked-up
+REQUEST_ID = re.compile(r"(\d{1,9})\.([0-9a-z]{1,10})\.([0-9a-z]{1,4})\.([0-9a-f]{16})\.([0-9a-f]{32})(?:-(0|[1-9]\d{0,5}))?")
 
 
 class InvalidInput(ValueError):
@@ -101,13 +103,33 @@ def parse_feedback(payload: Any, classes: list[int]) -> tuple[str, int]:
     if not isinstance(rid, str) or not rid or len(rid) > MAX_ID_CHARS:
         raise InvalidInput(f"request_id: must be a non-empty string of at most {MAX_ID_CHARS} characters")
     if not REQUEST_ID.fullmatch(rid):
-        raise InvalidInput("request_id: not an id issued by /predict (32 lowercase hexadecimal characters)")
+        raise InvalidInput("request_id: not an id issued by /predict (copy 'request_id' or a row's 'id' from its answer)")
     label = payload.get("label")
     if isinstance(label, bool) or not isinstance(label, (int, float)) or (isinstance(label, float) and not label.is_integer()):
         raise InvalidInput("label: must be an integer class")
     if int(label) not in classes:
         raise InvalidInput(f"label: {label} is not one of the model's classes {classes}")
     return rid, int(label)
+
+
+async def read_limited(chunks: AsyncIterator[bytes], max_bytes: int = MAX_BODY_BYTES) -> bytes:
+    """Read a body chunk by chunk and stop at the limit: a chunked body (no content-length) is never buffered whole."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > max_bytes:
+            raise InvalidInput(f"body exceeds the limit of {max_bytes} bytes", 413)
+    return bytes(body)
+
+
+def check_table_name(name: str) -> str:
+    """A table name as a spec's `dataset.table` allows it: no path separators, so it stays under the data root."""
+    from driftloop.config import DatasetSpec
+
+    pattern = next(m.pattern for m in DatasetSpec.model_fields["table"].metadata if getattr(m, "pattern", None))
+    if not re.fullmatch(pattern, name):
+        raise InvalidInput(f"table name {name[:64]!r} is not allowed: use letters, digits, '_' and '-' only (pattern {pattern})")
+    return name
 
 
 def request_schema(features: list[str]) -> dict[str, Any]:

@@ -1,0 +1,202 @@
+"""The Predictor's hand-off and the DriftMonitor's feedback bookkeeping, run on bare instances without Ray:
+real Delta tables under a temporary data root, no Serve, no actors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.filterwarnings("ignore:coroutine .*ASGIIngressWrapper.__del__:RuntimeWarning")
+
+
+class Metric:
+    def __init__(self):
+        self.total = 0.0
+
+    def inc(self, n=1.0, tags=None):
+        self.total += n
+
+    def set(self, value, tags=None):
+        pass
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """(settings, spec, make_monitor, make_predictor) over a private home; the app key from a fixed secret."""
+    from driftloop.config import load_spec
+    from driftloop.settings import Settings
+
+    monkeypatch.setenv("DRIFTLOOP_ID_SECRET", "unit-test-secret-" + "0" * 16)
+    settings = Settings(home=tmp_path, data_root=str(tmp_path / "tables"), tracking_uri="", ray_address=None)
+    spec = load_spec(ROOT / "configs/digits.yaml")
+    return settings, spec
+
+
+def bare_monitor(settings, spec):
+    """A DriftMonitor without its constructor (no registry, no Serve): what /feedback and observe touch."""
+    from driftloop.drift.core import MonitorCore
+    from driftloop.serving.app import KNOWN_IDS, DriftMonitor
+    from driftloop.serving.limits import BoundedMap
+
+    cls = DriftMonitor.func_or_class
+    m = cls.__new__(cls)
+    m.spec, m.settings, m.name = spec, settings, spec.name
+    m.core = MonitorCore(spec)
+    m.core.version = 1  # serving version 1, no detectors
+    m.known, m.log_buffer, m.pending_labels, m._label_writer = BoundedMap(KNOWN_IDS), [], [], None
+    m.feedback_count, m.dropped_reported, m._dirty, m._tasks, m._lock = 0, 0, False, [object()], asyncio.Lock()
+    m.m_acc, m.m_dropped, m.m_samples, m.m_log_dropped = Metric(), Metric(), Metric(), Metric()
+    m._init_feedback_state("digits")
+    counted = []
+    on_labels = m.policy.on_labels
+    m.policy.on_labels = lambda n, *a: (counted.append(n), on_labels(n, *a))[1]
+    m.counted = counted
+    return m
+
+
+def issue(version: int = 1, rows: int = 1, age_s: float = 0.0) -> str:
+    import os
+
+    from driftloop.serving.ids import issue as _issue
+
+    return _issue(os.environ["DRIFTLOOP_ID_SECRET"].encode(), version, rows, now=time.time() - age_s)
+
+
+def feedback_rows(settings, spec, rid: str) -> int:
+    from driftloop.serving.logs import read_or_empty, uris
+
+    fb = read_or_empty(uris(settings, spec)["feedback"])
+    return int((fb["request_id"] == rid).sum()) if len(fb) else 0
+
+
+def test_a_repeated_label_is_idempotent_and_a_different_one_is_refused(served):
+    """Defect 2: every repeat of /feedback counted again toward the policy, the accuracy and the feedback count."""
+    settings, spec = served
+    m = bare_monitor(settings, spec)
+    rid = issue()
+    m.known[rid] = (1, 3)
+
+    async def main():
+        return [await m.feedback(rid, 3) for _ in range(5)] + [await m.feedback(rid, 4)]
+
+    first, *repeats, other = asyncio.run(main())
+    assert first["status"] == 200 and first["duplicate"] is False
+    assert all(r["status"] == 200 and r["duplicate"] is True and r["prediction"] == 3 for r in repeats)
+    assert other["status"] == 409 and "already has label 3" in other["error"] and other["label"] == 3
+    assert m.counted == [1] and m.feedback_count == 1 and len(m.correct[1]) == 1
+    assert feedback_rows(settings, spec, rid) == 1
+
+
+def test_simultaneous_labels_for_one_id_count_once(served):
+    settings, spec = served
+    m = bare_monitor(settings, spec)
+    rid = issue()
+    m.known[rid] = (1, 3)
+
+    async def main():
+        return await asyncio.gather(*(m.feedback(rid, 3 if i % 2 else 5) for i in range(16)))
+
+    out = asyncio.run(main())
+    fresh = [r for r in out if r["status"] == 200 and not r["duplicate"]]
+    assert len(fresh) == 1 and m.counted == [1] and feedback_rows(settings, spec, rid) == 1
+    winner = fresh[0]["label"]
+    assert all(r["status"] == (200 if lbl == winner else 409)
+               for r, lbl in zip(out, [3 if i % 2 else 5 for i in range(16)]) if r is not fresh[0])
+
+
+def test_a_label_given_before_a_restart_is_found_in_the_feedback_table(served):
+    settings, spec = served
+    before = bare_monitor(settings, spec)
+    rid = issue(age_s=1)
+    before.known[rid] = (1, 3)
+    assert asyncio.run(before.feedback(rid, 3))["duplicate"] is False
+    after = bare_monitor(settings, spec)  # a new replica: empty memory, the same tables
+
+    async def main():
+        return await after.feedback(rid, 3), await after.feedback(rid, 7)
+
+    same, other = asyncio.run(main())
+    assert same["status"] == 200 and same["duplicate"] is True
+    assert other["status"] == 409 and "already has label 3" in other["error"]
+    assert after.counted == [] and after.feedback_count == 0 and feedback_rows(settings, spec, rid) == 1
+
+
+def test_forged_and_old_unknown_ids_are_answered_at_once(served):
+    """Defect 3: a well-formed unknown id waited 3 s and queued for a serialized log scan."""
+    settings, spec = served
+    m = bare_monitor(settings, spec)
+
+    async def main():
+        t0 = time.monotonic()
+        forged = await m.feedback("1.abc.1." + "0" * 16 + "." + "0" * 32, 3)
+        unknown = await m.feedback(issue(age_s=60), 3)  # signed, never served here: one filtered lookup, no wait
+        return forged, unknown, time.monotonic() - t0
+
+    forged, unknown, secs = asyncio.run(main())
+    assert forged["status"] == 422 and "not an id issued by /predict" in forged["error"]
+    assert unknown["status"] == 404 and "unknown request_id" in unknown["error"]
+    assert secs < 2.0 and m.counted == []
+
+
+def test_the_inference_log_buffer_is_bounded_while_writes_fail(served, monkeypatch):
+    """Defect 4: log_buffer grew without limit while Delta writes failed."""
+    import driftloop.serving.app as app
+
+    settings, spec = served
+    monkeypatch.setattr(app, "LOG_BUFFER_ROWS", 1_000)
+    m = bare_monitor(settings, spec)
+
+    def broken(uri, df):
+        raise OSError("storage down")
+
+    m._append = broken
+
+    async def main():
+        for i in range(30):
+            x = np.zeros((100, len(spec.dataset.features)), dtype=np.float32)
+            proba = np.full((100, spec.n_classes), 0.1, dtype=np.float32)
+            await m.observe({"ids": [issue() for _ in range(100)], "ts": [time.time()] * 100, "x": x, "proba": proba,
+                             "version": 2, "dropped": 0})
+            with pytest.raises(OSError):
+                await m.flush()
+
+    asyncio.run(main())
+    assert sum(len(c[0]) for c in m.log_buffer) <= 1_000
+    assert m.log_dropped == 3_000 - 1_000 and m.m_log_dropped.total == m.log_dropped
+
+
+def test_overload_sampling_is_uniform_over_a_burst_and_counted(served):
+    """Defect 5: past MAX_BUFFER rows the hand-off dropped the tail of a burst; the windows saw only its head."""
+    from driftloop.serving.app import Predictor
+
+    settings, spec = served
+    cls = Predictor.func_or_class
+    p = cls.__new__(cls)
+    p.settings, p.monitoring = settings, True
+    batches = []
+
+    async def observe(batch):
+        batches.append(batch)
+
+    p.monitor = SimpleNamespace(observe=SimpleNamespace(remote=observe))
+    p._init_ingress(None, None)
+    n_feat, requests, rows = len(spec.dataset.features), 100, 256
+    for r in range(requests):  # 25,600 rows between two flushes: more than MAX_BUFFER
+        x = np.full((rows, n_feat), r, dtype=np.float32)
+        p._hand_to_monitor([f"r{r}-{i}" for i in range(rows)], x, np.zeros((rows, 10), dtype=np.float32), 1)
+    asyncio.run(p._flush())
+    (batch,) = batches
+    total = requests * rows
+    assert len(batch["ids"]) == p.MAX_BUFFER and batch["dropped"] == total - p.MAX_BUFFER
+    assert batch["x"].shape == (p.MAX_BUFFER, n_feat)
+    which = batch["x"][:, 0].astype(int)  # the request each kept row came from
+    assert np.all(np.diff(which) >= 0), "kept rows stay in arrival order"
+    per_request = np.bincount(which, minlength=requests)
+    assert per_request.min() > 0.5 * p.MAX_BUFFER / requests, "the end of the burst is monitored as much as its start"
+    assert abs(which.mean() - (requests - 1) / 2) < 5
