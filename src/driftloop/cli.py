@@ -63,6 +63,17 @@ def _spec_for(table: str, spec_path: Optional[Path], source: str):
     raise UserError(f"no spec for table {table!r}: pass --spec configs/<name>.yaml")
 
 
+def _data_table(table: str) -> str:
+    """A table name as a spec's `dataset.table` allows it, so `--table ../x` cannot leave the data root."""
+    from driftloop.serving.validation import InvalidInput, check_table_name
+
+    try:
+        return check_table_name(table)
+    except InvalidInput as err:
+        _fail(str(err))
+        raise
+
+
 @data_app.command("ingest")
 @clean_errors
 def data_ingest(
@@ -74,6 +85,7 @@ def data_ingest(
     from driftloop.data.ingest import ingest
     from driftloop.settings import get_settings
 
+    table = _data_table(table)
     s = get_settings().ensure()
     sp = _spec_for(table, spec, source)
     version = ingest(source, s.table_uri(table), sp.dataset)
@@ -87,7 +99,7 @@ def data_versions(table: str = typer.Argument(..., help="table name"), as_json: 
     from driftloop.data import tables
     from driftloop.settings import get_settings
 
-    rows = tables.versions(get_settings().table_uri(table))
+    rows = tables.versions(get_settings().table_uri(_data_table(table)))
     if as_json:
         typer.echo(json.dumps(rows))
         return
@@ -107,7 +119,7 @@ def data_show(
     from driftloop.data import tables
     from driftloop.settings import get_settings
 
-    uri = get_settings().table_uri(table)
+    uri = get_settings().table_uri(_data_table(table))
     dv = tables.data_version(uri, version)
     df = tables.read(uri, dv.version)
     typer.echo(f"{table} @ version {dv.version}: {dv.rows} rows, digest {dv.digest}")
@@ -228,11 +240,18 @@ def status_cmd(
     events: int = typer.Option(10, "--events", help="drift events to show"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Champion, drift history (drift_events table), retraining jobs and lineage of a model."""
-    from driftloop.status import model_status, render
+    """Champion, drift history (drift_events table), retraining jobs and lineage of a model.
 
+    Exits 1 when the retraining path is failing (the Jobs API does not answer, or the live monitor says so)."""
+    import logging
+
+    from driftloop.status import model_status, render, retraining_failure
+
+    logging.getLogger("driftloop.jobs").setLevel(logging.ERROR)  # the command says it itself, once
     st = model_status(name, url, events)
     typer.echo(json.dumps(st, default=str) if as_json else render(st))
+    if failing := retraining_failure(st):
+        _fail(f"{name}: the retraining path is failing: {failing}", 1)
 
 
 @app.command("retrain")
@@ -241,32 +260,63 @@ def retrain_cmd(
     config: Path = typer.Argument(..., metavar="NAME|SPEC", help="model name (uses configs/NAME.yaml) or a spec path"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for the job to finish"),
 ) -> None:
-    """Manually trigger retraining: submits the retraining Ray job (same id rules as drift triggers)."""
-    from driftloop.config import load_spec
-    from driftloop.drift.policy import Trigger
-    from driftloop.registry import champion_version
-    from driftloop.retrain import JobTracker
-    from driftloop.settings import get_settings
+    """Manually trigger retraining: submits the retraining Ray job (same id rules as drift triggers).
 
+    Starts a local Ray head on 127.0.0.1 when none runs (the job outlives this command). Exits 1 when the job
+    fails or, with --no-wait, when the Jobs API does not take it; with --wait a refused submission is retried."""
+    import logging
     import time as _t
+
+    from driftloop.config import load_spec
+    from driftloop.jobs import JobTracker, RetrainPathDown, follow, make_trigger, submit_until_taken
+    from driftloop.registry import champion_version
+    from driftloop.serving.deploy import ensure_head
+    from driftloop.settings import get_settings
 
     spec = load_spec(config if config.suffix in (".yaml", ".yml", ".json") else Path("configs") / f"{config}.yaml")
     s = get_settings()
-    from driftloop.cluster import ensure_ray
-
-    ensure_ray(s)
-    tracker = JobTracker(spec, s)
-    out = tracker.submit(Trigger("manual trigger (CLI)", _t.time(), champion_version(s, spec.name)), None)
+    logging.getLogger("driftloop.jobs").setLevel(logging.ERROR)  # the command says it itself, once
+    tracker = JobTracker(spec, s, address=ensure_head())
+    trig = make_trigger("manual trigger (CLI)", _t.time(), champion_version(s, spec.name), cause="manual")
+    say = lambda msg: typer.echo(f"{spec.name}: {msg}", err=True)  # noqa: E731
+    try:
+        out = submit_until_taken(tracker, trig, wait, say)
+    except RetrainPathDown as err:
+        _fail(f"{spec.name}: retraining job not submitted: {err}", 1)
     job = out["job"]
     typer.echo(f"{spec.name}: retraining job {job['submission_id']} ({'submitted' if out['submitted'] else out['why']})")
-    while wait:
-        job = tracker.tick()
-        if job and job.get("final"):
-            typer.echo(f"{spec.name}: job {job['submission_id']} {job['status']}")
-            if job["status"] != "SUCCEEDED":
-                raise typer.Exit(1)
-            break
-        _t.sleep(2)
+    if wait:
+        job = follow(tracker, job["base_id"], say)
+        typer.echo(f"{spec.name}: job {job['submission_id']} {job['status']}")
+        if job["status"] != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@app.command("backtest")
+@clean_errors
+def backtest_cmd(
+    config: Path = typer.Argument(..., help="model spec, e.g. configs/rainfall.yaml"),
+    stream: str = typer.Option(..., "--stream", help="time-ordered labelled CSV/Parquet file, builtin:rainfall or builtin:digits-phases"),
+    compare: str = typer.Option("static", "--compare", help="strategies beside driftloop's policy: static, periodic:N (every N rows)"),
+    label_delay: int = typer.Option(0, "--label-delay", help="rows between a prediction and its label"),
+    initial: Optional[int] = typer.Option(None, "--initial", help="rows that train the starting champion (default: 40%; rainfall: 20 years)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for backtest.json and backtest.png"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+) -> None:
+    """Replay history test-then-train through the loop's own detectors, policy, Ray Train retraining and gate,
+    beside simpler strategies: what would each have done? (Models and tables of its own; the champion is untouched.)"""
+    from driftloop.backtest import parse_strategies, render, run_backtest
+    from driftloop.config import load_spec
+    from driftloop.settings import get_settings
+
+    spec = load_spec(config)
+    strategies = parse_strategies(compare)
+    summary = run_backtest(spec, get_settings().ensure(), stream, strategies, label_delay, initial, out, show_progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(summary, default=str))
+        return
+    typer.echo(render(summary))
+    typer.echo(f"written: {summary['out_dir']}/backtest.json, {summary['png']} (MLflow run {summary['mlflow_run']})")
 
 
 @app.command("demo")

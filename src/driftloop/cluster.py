@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 from driftloop.settings import Settings
 
@@ -29,16 +30,42 @@ def ensure_ray(settings: Settings, namespace: str = "driftloop") -> None:
         # and a job's runtime env cannot be merged with another one.
         ray.init(address=settings.ray_address, namespace=namespace, log_to_driver=False)
         return
-    ray.init(
-        num_cpus=max(LOCAL_CPUS, os.cpu_count() or 1),
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        namespace=namespace,
-        runtime_env=runtime_env,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    with any_agent_port():
+        ray.init(
+            num_cpus=max(LOCAL_CPUS, os.cpu_count() or 1),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            namespace=namespace,
+            runtime_env=runtime_env,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+
+
+@contextmanager
+def any_agent_port():
+    """Let a local head's dashboard agent bind any free port instead of Ray's fixed 52365.
+
+    `ray.init()` has no argument for that port, and a second local Ray started while the last one still
+    holds 52365 (a CLI command right after another) gets an agent without HTTP: its Jobs API then answers
+    every submission with HTTP 500 "No available agent to submit job". 0 is what `ray start
+    --dashboard-agent-listen-port=0` and Ray's own multi-node test harness use; the Jobs API finds the
+    agent's real port in the GCS.
+    """
+    from ray._private import parameter
+
+    fixed = parameter.RayParams
+
+    def params(*args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", 0)
+        return fixed(*args, **kwargs)
+
+    parameter.RayParams = params
+    try:
+        yield
+    finally:
+        parameter.RayParams = fixed
 
 
 def dashboard_url() -> str:

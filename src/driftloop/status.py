@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from driftloop.settings import get_settings
@@ -28,8 +29,7 @@ def model_status(name: str, url: str | None = None, events: int = 10) -> dict[st
                            "window": int(r.window_index), "rows": int(r.rows), "is_drift": bool(r.is_drift),
                            "min_p_val": float(r.min_p_val), "drifted_features": json.loads(r.drifted_features)[:8],
                            "trigger": r.trigger})
-    jobs_path = s.state_dir / f"retrain-{name}.json"
-    jobs = json.loads(jobs_path.read_text()) if jobs_path.is_file() else {}
+    jobs = retraining_status(name)
     lineage = [{"version": v["version"], "champion": v["champion"], "decision": v["decision"], "reason": v["reason"],
                 "data": v["data"], "digest": v["digest"], "run_id": v["run_id"], "job_id": v["job_id"],
                 "drift_event": v["drift_event"]} for v in versions]
@@ -46,6 +46,48 @@ def model_status(name: str, url: str | None = None, events: int = 10) -> dict[st
             "drift_events_table": f"{table_uri}_drift_events"}
 
 
+def retraining_status(name: str) -> dict[str, Any]:
+    """The model's retraining jobs from the Ray Jobs API; an API that does not answer is an error, never "none"."""
+    from driftloop.jobs import JobsView, RetrainPathDown
+
+    view = JobsView(name)
+    try:
+        view.refresh()
+    except RetrainPathDown:
+        pass  # kept in view.health: the status says so and the command exits 1
+    return view.status()
+
+
+def retraining_failure(st: dict[str, Any]) -> str | None:
+    """One line when the retraining path is failing, as the Jobs API or the live monitor reports it."""
+    own = (st.get("retraining") or {}).get("error")
+    live = ((st.get("live") or {}).get("retraining") or {}).get("error")
+    return own or (f"the live drift monitor reports: {live}" if live else None)
+
+
+def _clock(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _jobs_lines(rt: dict[str, Any]) -> list[str]:
+    """Each retraining job, one line per attempt, after the path's error state when it is failing."""
+    out = []
+    if rt.get("error"):
+        out.append(f"  FAILING since {_clock(rt['since'])} ({rt['attempts']} attempts in a row): {rt['error']}")
+    seqs = list(rt.get("history") or []) + ([rt["current"]] if rt.get("current") else [])
+    if not seqs and not rt.get("error"):
+        out.append("  (none)")
+    for j in seqs:
+        for r in j.get("runs") or [j]:
+            out.append(f"  {r['submission_id']}  {r['status']:<9} attempt {r['attempt']}  event {j.get('event_id') or '-'}"
+                       f"  reason: {j['reason']}")
+        if j.get("next_retry_at"):
+            out.append(f"    next attempt at {_clock(j['next_retry_at'])}")
+        elif j.get("message"):
+            out.append(f"    {j['message']}")
+    return out
+
+
 def render(st: dict[str, Any]) -> str:
     out = [f"model {st['model']}: champion version {st['champion']}", "", "drift events (newest last):"]
     if not st["drift_events"]:
@@ -55,13 +97,7 @@ def render(st: dict[str, Any]) -> str:
         feats = f" features {','.join(e['drifted_features'])}" if e["drifted_features"] else ""
         trig = f"  -> trigger: {e['trigger']}" if e["trigger"] else ""
         out.append(f"  {e['event_id']}  v{e['model_version']} window {e['window']:>3}  {flag} p={e['min_p_val']:.2e}{feats}{trig}")
-    out += ["", "retraining jobs:"]
-    cur = (st["retraining"] or {}).get("current")
-    hist = (st["retraining"] or {}).get("history", [])
-    if not cur and not hist:
-        out.append("  (none)")
-    for j in hist + ([cur] if cur and cur not in hist else []):
-        out.append(f"  {j['submission_id']}  {j['status']:<9} attempt {j['attempt']}  event {j.get('event_id') or '-'}  reason: {j['reason']}")
+    out += ["", "retraining jobs (Ray Jobs API):", *_jobs_lines(st["retraining"] or {})]
     out += ["", "lineage (model version <- run <- data version <- drift event <- job):"]
     for v in st["lineage"]:
         star = "*" if v["champion"] else " "

@@ -229,11 +229,16 @@ def test_feedback_writer_killed_right_after_2xx_keeps_the_label(fault_app, setti
     assert rid in set(fb["request_id"]) and int(fb[fb["request_id"] == rid]["label"].iloc[0]) == 3
     st = _new_monitor(url, started)
     assert st["state"]["restored"] and st["feedback"] >= before + 1, "the label counts after the restart"
-    # the new monitor never saw this prediction: a corrected label is matched through the inference log
+    # the new monitor never saw this label: a repeat is recognised from the feedback table, never counted again
     r = httpx.post(f"{url}/feedback", json={"request_id": rid, "label": 5}, timeout=30)
-    assert r.status_code == 200 and r.json()["prediction"] == pred, r.text
+    assert r.status_code == 409 and "already has label 3" in r.json()["error"], r.text
+    r = httpx.post(f"{url}/feedback", json={"request_id": rid, "label": 3}, timeout=30)
+    assert r.status_code == 200 and r.json()["duplicate"] is True, r.text
+    assert drift_state(url)["feedback"] == st["feedback"], "a repeated label is not counted again"
+    fb = tables.read(uris(settings, spec)["feedback"])
+    assert (fb["request_id"] == rid).sum() == 1
     print(f"label {rid} durable across the kill; monitor back with {st['feedback']} labels counted; "
-          f"a corrected label for it was matched through the inference log")
+          f"a repeat after the restart was recognised from the feedback table (prediction was {pred})")
 
 
 # --- MLflow unreachable while a retraining job runs -------------------------------------------------------------
@@ -250,7 +255,7 @@ def test_mlflow_down_during_retraining_fails_cleanly_and_is_retried(settings, tr
     from driftloop import registry
     from driftloop.config import load_spec
     from driftloop.drift.policy import Trigger
-    from driftloop.retrain import JobTracker, jobs_client
+    from driftloop.jobs import JobTracker, jobs_client
     from driftloop.serving.app import DriftMonitor, Predictor
 
     port = free_port()
@@ -271,8 +276,7 @@ def test_mlflow_down_during_retraining_fails_cleanly_and_is_retried(settings, tr
         serve.run(Predictor.options(ray_actor_options=opts).bind(DriftMonitor.options(ray_actor_options=opts).bind(d), d, True, 256),
                   name="faultsE", route_prefix="/faultsE")
         app = f"{serve_url}/faultsE"
-        tracker = JobTracker(spec, http_settings)
-        tracker.state["generation"] = 200
+        tracker = JobTracker(spec, http_settings)  # its generation comes from the Jobs API: ids of its own
         sid = tracker.submit(Trigger("mlflow outage test", time.time(), champion), None)["job"]["submission_id"]
         c = registry.client(settings)  # the store itself, to watch the job without the server
         exp = registry.experiment_id(settings, "digits")
@@ -309,7 +313,6 @@ def test_mlflow_down_during_retraining_fails_cleanly_and_is_retried(settings, tr
             serve.delete("faultsE")
         except Exception:
             pass
-        (settings.state_dir / "retrain-digits.json").unlink(missing_ok=True)
 
 
 # --- a worker node dies during distributed training (two-node local cluster) --------------------------------------

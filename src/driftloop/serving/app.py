@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,11 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from driftloop.config import Spec, load_spec
-from driftloop.serving.validation import InvalidInput, parse_feedback, parse_json, parse_rows, request_schema
+from driftloop.drift.core import MonitorCore
+from driftloop.serving import ids as request_ids
+from driftloop.serving.limits import BoundedMap, Coalescer, Reservoir, TokenBuckets, trim_oldest
+from driftloop.serving.validation import (MAX_BODY_BYTES, InvalidInput, parse_feedback, parse_json, parse_rows, read_limited,
+                                          request_schema)
 
 log = logging.getLogger("ray.serve")
 POLL_S = float(os.environ.get("DRIFTLOOP_POLL_S", "1.0"))
@@ -38,6 +42,19 @@ PREDICT_TOKEN_ENV = "DRIFTLOOP_PREDICT_TOKEN"
 # 10 s), so a crash went unnoticed for up to ~11 s before a replacement was started; a check is one cheap
 # actor call, so check every 2 s.
 HEALTH_CHECK_PERIOD_S = 2.0
+NEW_DATA_CHECK_S = float(os.environ.get("DRIFTLOOP_NEW_DATA_CHECK_S", "10"))  # one read of the table's log per check
+# Bounds of the monitor's memory: ids it answers /feedback for from memory (older ones are looked up in the inference
+# log, filtered by id), and served rows held for the inference log while Delta writes fail (oldest dropped, counted).
+KNOWN_IDS = int(os.environ.get("DRIFTLOOP_KNOWN_IDS", "50000"))
+LOG_BUFFER_ROWS = int(os.environ.get("DRIFTLOOP_LOG_BUFFER_ROWS", "100000"))
+# /feedback per client host and Predictor replica: a token bucket (labels/s, burst).
+FEEDBACK_RATE = float(os.environ.get("DRIFTLOOP_FEEDBACK_RATE", "200"))
+FEEDBACK_BURST = float(os.environ.get("DRIFTLOOP_FEEDBACK_BURST", "400"))
+# A row reaches the monitor within a hand-off period of its id being issued; only that young an unknown id is
+# worth waiting for. Labels of ids issued before the monitor started (plus a margin for a draining predecessor
+# and clock skew) are looked up in the feedback table; later ones all went through this replica's memory.
+FRESH_ID_S = 5.0
+LABEL_COVER_MARGIN_S = 30.0
 
 
 def _token(name: str) -> str | None:
@@ -56,16 +73,41 @@ def _authorised(request: Request, expected: str | None) -> bool:
     return expected is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _app_name() -> str:
+    """The Serve application this replica belongs to ("default" outside Serve): it names the request-id key."""
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:
+        return "default"
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The body within MAX_BYTES: a declared length is checked up front, a chunked body as it streams in."""
+    try:
+        length = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        raise InvalidInput("content-length: not a number", 400) from None
+    if length > max_bytes:
+        raise InvalidInput(f"body of {length} bytes exceeds the limit of {max_bytes} bytes", 413)
+    return await read_limited(request.stream(), max_bytes)
 
 
 def _load_champion(settings, name: str, version: int):
-    """Download and load a model version (model + detectors path), off the event loop."""
+    """Download and load a model version, off the event loop; the downloaded copy is deleted once loaded
+    (the node's disk is only a cache, and a copy per replica start and swap would pile up)."""
+    import shutil
+
     from driftloop import registry
 
     path = registry.download(settings, name, version, settings.home / "serving" / f"{name}-v{version}-{uuid.uuid4().hex[:6]}")
-    return registry.load_model(path), path
+    try:
+        return registry.load_model(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 fastapi_app = FastAPI(title="driftloop", description="Predictions with drift monitoring, feedback and model lineage.")
@@ -80,31 +122,31 @@ class DriftMonitor:
     def __init__(self, spec: dict[str, Any]):
         from ray.serve import metrics
 
-        from driftloop.drift.policy import Policy
         from driftloop.settings import get_settings
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.spec = Spec.model_validate(spec)
         self.settings = get_settings()
         self.name = self.spec.name
-        self.version: int | None = None
-        self.detectors = None
+        self.core = MonitorCore(self.spec)  # windows, detectors, rolling accuracy, policy: the decisions, no I/O
+        self.registry_error: dict | None = None  # the last registry failure while polling the alias, until one succeeds
+        self.champion_data_version = -1  # the training-table version the champion was trained on
+        self._data_checked_at = 0.0
         self.manifest: dict = {}
-        self.policy = Policy(self.spec.retraining)
-        self.known: OrderedDict[str, tuple[int, int]] = OrderedDict()  # request id -> (model version, prediction)
-        self.correct: dict[int, deque] = {}
+        self.known: BoundedMap = BoundedMap(KNOWN_IDS)  # request id -> (model version, prediction); older: the log
         self.log_buffer: list = []
         self.pending_labels: list = []
         self._label_writer: asyncio.Task | None = None
         self.feedback_count = 0
         self.dropped_reported = 0
         self.restored: list[dict] = []
-        self.retrain = None  # set lazily: the job tracker (driftloop.retrain.JobTracker)
+        self.retrain = None  # set lazily: the job tracker (driftloop.jobs.JobTracker)
         try:  # one state file per Serve application: two apps serving the same model keep separate windows
             app_name = serve.get_replica_context().app_name
         except Exception:
             app_name = "default"
         self.state_path = self.settings.state_dir / f"monitor-{app_name}-{self.name}.npz"
+        self._init_feedback_state(app_name)
         self.pending_submit: dict | None = None  # a trigger decided but not yet handed to the job tracker
         self._dirty = False
         self.persisted_at: float | None = None
@@ -113,7 +155,6 @@ class DriftMonitor:
         self.replica_started_at = self.first_started_at
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
-        self._lookup_lock = asyncio.Lock()
         tags = ("model",)
         self.m_pval = metrics.Gauge("driftloop_drift_p_value", "Smallest p-value of a detector on the last window", tag_keys=("model", "detector"))
         self.m_score = metrics.Gauge("driftloop_drift_score", "Test statistic of a detector on the last window", tag_keys=("model", "detector"))
@@ -121,34 +162,94 @@ class DriftMonitor:
         self.m_windows = metrics.Counter("driftloop_drift_windows_total", "Windows tested", tag_keys=tags)
         self.m_samples = metrics.Counter("driftloop_monitor_samples_total", "Served rows seen by the monitor", tag_keys=tags)
         self.m_dropped = metrics.Counter("driftloop_monitor_dropped_rows_total", "Rows sampled out under overload", tag_keys=tags)
+        self.m_log_dropped = metrics.Counter("driftloop_inference_log_dropped_rows_total",
+                                             "Served rows dropped from the inference-log buffer while writes failed", tag_keys=tags)
         self.m_acc = metrics.Gauge("driftloop_rolling_accuracy", "Accuracy over recent labelled rows", tag_keys=("model", "version"))
-        for m in (self.m_drift, self.m_windows, self.m_samples, self.m_dropped):
+        for m in (self.m_drift, self.m_windows, self.m_samples, self.m_dropped, self.m_log_dropped):
             m.set_default_tags({"model": self.name})
+        self.m_submit_failures = metrics.Counter("driftloop_retrain_submit_failures_total",
+                                                 "Retraining submissions the Ray Jobs API refused or never answered", tag_keys=tags)
+        self.m_submit_failures.set_default_tags({"model": self.name})
+        self._submit_failures_seen = 0  # the tracker's count already added to the counter
+        self._last_submit: dict | None = None  # what the Jobs API said to the last trigger handed to it
         self._swap_if_needed_sync()
         self._restore_history()
         self._restore_state()
         self.init_s = time.time() - self.replica_started_at  # constructor time: detectors loaded, state restored
 
     # --- lifecycle ---------------------------------------------------------------------------------
+    def _init_feedback_state(self, app_name: str) -> None:
+        """Feedback bookkeeping: the shared request-id key, labels seen (bounded), lookups that coalesce."""
+        self.id_secret = request_ids.app_secret(self.settings.state_dir, app_name)
+        self.log_dropped = 0
+        # every label of an id issued after this went through this replica (and is in `labelled` unless evicted)
+        self.labels_cover_from = time.time() + LABEL_COVER_MARGIN_S
+        self.labelled: BoundedMap = BoundedMap(KNOWN_IDS, on_evict=self._forgot_label)  # id -> (label, issued_at)
+        self._labelling: dict[str, asyncio.Future] = {}  # ids with a label being decided: one decision at a time
+        self._label_lookups = Coalescer(self._read_labels)
+        self._prediction_lookups = Coalescer(self._read_predictions)
+
+    def _forgot_label(self, request_id: str, value: tuple[int, float]) -> None:
+        """An evicted label must still be found: ids issued up to its issue time are looked up again."""
+        self.labels_cover_from = max(self.labels_cover_from, value[1])
+
     def _ensure_tasks(self) -> None:
         if not self._tasks:
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._poll_alias()), loop.create_task(self._flush_loop())]
 
-    def _swap_if_needed_sync(self) -> bool:
+    def _load_new_champion(self):
+        """(version, windowed detectors, manifest) when the alias moved, else None; no lock held while downloading.
+        A registry error is kept for /drift ("registry unreachable") and raised: never read as "no champion"."""
+        import shutil
+
         from driftloop import registry
         from driftloop.drift.detectors import load_detectors
         from driftloop.drift.windows import WindowedDetectors
 
-        v = registry.champion_version(self.settings, self.name)
+        try:
+            v = registry.champion_version(self.settings, self.name)
+        except registry.RegistryUnavailable as err:
+            self.registry_error = {"error": str(err), "since": (self.registry_error or {}).get("since", time.time())}
+            raise
+        self.registry_error = None
         if v is None or v == self.version:
-            return False
+            return None
         path = registry.download(self.settings, self.name, v, self.settings.home / "serving" / f"{self.name}-monitor-v{v}-{uuid.uuid4().hex[:6]}")
-        dets, manifest = load_detectors(path / "detectors", self.spec.n_classes)
-        self.detectors = WindowedDetectors(dets, manifest.get("window", self.spec.drift.window), v, self.spec.drift.history)
-        self.manifest = manifest
-        self.version = v
-        log.info("drift monitor for %s now uses the detectors of version %s", self.name, v)
+        try:
+            dets, manifest = load_detectors(path / "detectors", self.spec.n_classes)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)  # loaded into memory; the download was only a cache
+        data_version = int(registry.version_tags(self.settings, self.name, v).get("data.version") or -1)
+        windowed = WindowedDetectors(dets, manifest.get("window", self.spec.drift.window), v, self.spec.drift.history)
+        return v, windowed, manifest, data_version
+
+    # the core owns what the policy reads; these names are the monitor's view of it
+    policy = property(lambda self: self.core.policy)
+    detectors = property(lambda self: self.core.detectors)
+    version = property(lambda self: self.core.version)
+    correct = property(lambda self: self.core.correct)
+
+    def _use(self, loaded, swapped: bool = False) -> None:
+        """Switch to a champion's detectors with fresh windows (under the lock when serving)."""
+        version, windowed, self.manifest, self.champion_data_version = loaded
+        self.core.use(version, windowed, time.time(), swapped)
+        log.info("drift monitor for %s now uses the detectors of version %s", self.name, self.version)
+
+    def _swap_if_needed_sync(self) -> bool:
+        loaded = self._load_new_champion()
+        if loaded is not None:
+            self._use(loaded)
+        return loaded is not None
+
+    async def _swap_if_needed(self) -> bool:
+        """Download off the lock, switch under it: rows of the old model never enter the new windows."""
+        loaded = await asyncio.to_thread(self._load_new_champion)
+        if loaded is None:
+            return False
+        async with self._lock:
+            self._use(loaded, swapped=True)
+            self._dirty = True
         return True
 
     async def _poll_alias(self) -> None:
@@ -157,20 +258,36 @@ class DriftMonitor:
             try:
                 if self.pending_submit is not None:  # restored from a snapshot taken between decision and submission
                     await self._submit_pending()
-                async with self._lock:
-                    swapped = await asyncio.to_thread(self._swap_if_needed_sync)
-                if swapped:
-                    self.policy.retrained()
+                swapped = await self._swap_if_needed()
+                await self._check_new_data()
+                from driftloop.jobs import POLL_S as JOBS_POLL_S, RetrainPathDown
+
+                try:  # the Jobs API is the record: a restarted replica sees the jobs its predecessor started
+                    job = await asyncio.to_thread(self._tracker().tick, JOBS_POLL_S)
+                except RetrainPathDown:
+                    job = None  # /drift shows the error (since, attempts); the next poll asks again, after backoff
+                self._count_submit_failures()
+                if self.retrain.newly_final(job):
+                    if job["status"] == "SUCCEEDED" and not swapped:
+                        self.core.retrained(time.time())  # refused challenger: count afresh, back off benign drift
                     self._dirty = True
-                if self.retrain is not None:
-                    job = await asyncio.to_thread(self.retrain.tick)
-                    if job and job.get("final") and not job.get("seen_final"):
-                        job["seen_final"] = True
-                        if job["status"] == "SUCCEEDED" and not swapped:
-                            self.policy.retrained()  # refused challenger: start counting afresh
-                        self._dirty = True
             except Exception:  # the registry may be briefly unreachable; keep serving with what we have
                 log.exception("alias poll failed")
+
+    async def _check_new_data(self) -> None:
+        """`retraining.policy.new_data`: ingested rows past the champion's data version are a trigger too."""
+        from driftloop.data import tables
+
+        if self.spec.retraining.policy.new_data is None or self.version is None:
+            return
+        if time.monotonic() - self._data_checked_at < NEW_DATA_CHECK_S:
+            return
+        self._data_checked_at = time.monotonic()
+        base = max(self.champion_data_version, self.policy.state.data_seen)
+        rows, newest = await asyncio.to_thread(tables.ingested_since, self.settings.table_uri(self.spec.dataset.table), base)
+        if rows:
+            self._dirty = True
+            await self._on_trigger(self.policy.on_new_data(rows, newest, time.time(), self.version))
 
     def _restore_history(self) -> None:
         from driftloop.serving import logs
@@ -217,7 +334,7 @@ class DriftMonitor:
             return
         meta, arrays = snap
         try:
-            self.policy = Policy(self.spec.retraining, PolicyState(**meta["policy"]))
+            self.core.policy = Policy(self.spec.retraining, PolicyState(**meta["policy"]))
             self.pending_submit = meta.get("pending_submit")
             self.first_started_at = float(meta.get("first_started_at", self.first_started_at))
             for v, q in (meta.get("correct") or {}).items():
@@ -237,17 +354,28 @@ class DriftMonitor:
         except (KeyError, TypeError, ValueError):
             log.exception("monitor state at %s unusable; starting afresh", self.state_path)
 
-    async def _submit_pending(self) -> None:
-        from driftloop.drift.policy import Trigger
+    async def _submit_pending(self) -> dict[str, Any] | None:
+        """Hand the pending trigger to the Jobs API. Refused or unreachable, it stays pending (durable) and the
+        poll loop tries again after a capped exponential backoff, until the API takes it: never dropped."""
+        from driftloop.jobs import trigger_from
 
         p = self.pending_submit
         if p is None:  # the poll loop and a fresh trigger may both get here; the first one submitted it
-            return
+            return self._last_submit
         tracker = self._tracker()
-        await asyncio.to_thread(tracker.submit, Trigger(p["reason"], p["at"], p["champion"]), p.get("event_id"))
+        if not tracker.health.due("submit", time.time()):
+            err = tracker.health.error()
+            return {"submitted": False, "job": None, "error": err["error"],
+                    "why": f"the retraining path is failing; this trigger is kept and retried at {err['next_try_at']:.0f}"}
+        out = await asyncio.to_thread(tracker.submit, trigger_from(p), p.get("event_id"))
+        self._count_submit_failures()
+        self._last_submit = out
+        if out.get("error"):
+            return out
         if self.pending_submit is p:  # a newer trigger decided meanwhile stays pending
             self.pending_submit = None
         await self.persist()
+        return out
 
     # --- rows in -----------------------------------------------------------------------------------
     async def observe(self, batch: dict[str, Any]) -> int:
@@ -261,20 +389,23 @@ class DriftMonitor:
         preds = np.asarray(self.spec.dataset.classes)[proba.argmax(axis=1)]
         for rid, p in zip(batch["ids"], preds):
             self.known[rid] = (version, int(p))
-        while len(self.known) > 500_000:
-            self.known.popitem(last=False)
         self.log_buffer.append((batch["ids"], batch["ts"], version, x, preds))
+        self._bound_log_buffer()
         self.m_samples.inc(len(x))
-        if version != self.version or self.detectors is None:
+        async with self._lock:  # the version check and the window update see the same detectors (no swap between)
+            now = time.time()
+            detected = await asyncio.to_thread(self.core.detect, x, proba, version, now)
+        if detected is None:
             return 0  # rows of a model we no longer monitor are logged but do not enter the new windows
-        async with self._lock:
-            reports, alarms = await asyncio.to_thread(self.detectors.add, x, proba)
+        decided = self.core.decide(detected, now)  # policy changes happen on the event loop only
         self._dirty = True
-        for rep in reports:
+        for rep in decided.windows:
             await self._on_window(rep)
-        for alarm in alarms:
-            await self._on_trigger(self.policy.on_online_alarm(alarm.name, time.time(), self.version), alarm_event=alarm.as_dict())
-        if reports and self._dirty:
+        for ev in decided.alarms:
+            await self._on_alarm(ev)
+        for trig in decided.triggers:
+            await self._on_trigger(trig)
+        if decided.windows and self._dirty:
             await self.persist()  # each closed window is durable before the next rows count
         return len(x)
 
@@ -288,36 +419,38 @@ class DriftMonitor:
                 self.m_pval.set(r.p_val, tags={"model": self.name, "detector": r.name})
             if r.distance is not None:
                 self.m_score.set(r.distance, tags={"model": self.name, "detector": r.name})
-        trig = self.policy.on_window(rep.is_drift, time.time(), self.version)
-        event = rep.as_dict()
-        if trig is not None:
-            event["trigger"] = trig.reason
-        await asyncio.to_thread(self._append, logs.uris(self.settings, self.spec)["drift_events"], logs.drift_event_frame(event))
-        if trig is not None:
-            await self._on_trigger(trig, event_id=rep.event_id)
+        await asyncio.to_thread(self._append, logs.uris(self.settings, self.spec)["drift_events"], logs.drift_event_frame(rep.as_dict()))
 
-    async def _on_trigger(self, trig, event_id: str | None = None, alarm_event: dict | None = None) -> None:
-        if trig is None:
-            return
+    async def _on_alarm(self, event: dict) -> None:
+        """An online detector's alarm is a drift event of its own; a trigger it causes names that event."""
         from driftloop.serving import logs
 
-        if alarm_event is not None:
-            event_id = uuid.uuid4().hex[:16]
-            ev = {"event_id": event_id, "ended_at": trig.at, "started_at": trig.at, "model_version": self.version,
-                  "index": -1, "rows": 0, "is_drift": True, "detectors": [alarm_event], "kind": "online", "trigger": trig.reason}
-            await asyncio.to_thread(self._append, logs.uris(self.settings, self.spec)["drift_events"], logs.drift_event_frame(ev))
+        await asyncio.to_thread(self._append, logs.uris(self.settings, self.spec)["drift_events"], logs.drift_event_frame(event))
+
+    async def _on_trigger(self, trig) -> None:
+        if trig is None:
+            return
         # decided -> durable -> submitted -> durable: a crash in between resubmits the same trigger, which
         # the tracker recognises (same trigger time), so a trigger is neither lost nor doubled
-        self.pending_submit = {"reason": trig.reason, "at": trig.at, "champion": trig.champion_version, "event_id": event_id}
+        self.pending_submit = {"reason": trig.reason, "at": trig.at, "champion": trig.champion_version,
+                               "event_id": trig.event_id, "cause": trig.cause}
         await self.persist()
         await self._submit_pending()
 
     def _tracker(self):
+        """The job tracker, made on first use: it reads the Jobs API, so it holds no state a restart could lose."""
         if self.retrain is None:
-            from driftloop.retrain import JobTracker
+            from driftloop.jobs import JobTracker
 
             self.retrain = JobTracker(self.spec, self.settings)
         return self.retrain
+
+    def _count_submit_failures(self) -> None:
+        """Add the tracker's new refused submissions to the Prometheus counter (from the event loop, not a thread)."""
+        n = self._tracker().health.submit_failures
+        if n > self._submit_failures_seen:
+            self.m_submit_failures.inc(n - self._submit_failures_seen)
+            self._submit_failures_seen = n
 
     # --- durable writes ----------------------------------------------------------------------------
     def _append(self, uri: str, df) -> None:
@@ -355,37 +488,91 @@ class DriftMonitor:
         try:
             await asyncio.to_thread(self._append, logs.uris(self.settings, self.spec)["inference"], df)
         except Exception:
-            self.log_buffer = buf + self.log_buffer  # keep them for the next attempt
+            self.log_buffer = buf + self.log_buffer  # keep them for the next attempt, within the bound
+            self._bound_log_buffer()
             raise
         return len(df)
 
+    def _bound_log_buffer(self) -> None:
+        """While the inference log cannot be written, keep the newest LOG_BUFFER_ROWS rows; count what is dropped."""
+        self.log_buffer, dropped = trim_oldest(self.log_buffer, LOG_BUFFER_ROWS, lambda chunk: len(chunk[0]))
+        if dropped:
+            self.log_dropped += dropped
+            self.m_log_dropped.inc(dropped)
+            log.warning("inference log buffer full: dropped the %d oldest served rows (%d in all)", dropped, self.log_dropped)
+
     # --- feedback ----------------------------------------------------------------------------------
     async def feedback(self, request_id: str, label: int) -> dict[str, Any]:
-        """Record a ground-truth label durably; unknown request ids are refused."""
-
+        """Record a ground-truth label durably, once per served row: a repeat is acknowledged (same label) or
+        refused (409, another label), never counted again, so repeating a label cannot trigger retraining."""
         self._ensure_tasks()
-        deadline = time.monotonic() + 3.0
-        while request_id not in self.known and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)  # the row may still be in a predictor's buffer
-        known = self.known.get(request_id)
-        if known is None:  # an older prediction: look it up in the inference log, one scan at a time, so a
-            async with self._lookup_lock:  # flood of unknown ids queues up instead of piling scans onto the CPU
-                known = self.known.get(request_id) or await asyncio.to_thread(self._lookup_logged, request_id)
+        try:
+            rid = request_ids.verify(self.id_secret, request_id)
+        except InvalidInput as err:
+            return {"status": err.status, "error": str(err)}
+        while (busy := self._labelling.get(request_id)) is not None:  # simultaneous labels of one id: one decides
+            await asyncio.shield(busy)
+        done = self._labelling[request_id] = asyncio.get_running_loop().create_future()
+        try:
+            return await self._label_once(rid, label)
+        finally:
+            del self._labelling[request_id]
+            done.set_result(None)
+
+    async def _label_once(self, rid: request_ids.RequestId, label: int) -> dict[str, Any]:
+        """Decide one label while no other label of the same id is being decided."""
+        request_id = rid.request_id
+        existing = await self._existing_label(rid)
+        if existing is not None:
+            if existing != label:
+                return {"status": 409, "label": existing,
+                        "error": f"request_id {request_id!r} already has label {existing}; a recorded label is not changed"}
+            known = self.known.get(request_id)
+            return {"status": 200, "request_id": request_id, "label": label, "duplicate": True, "model_version": rid.version,
+                    "prediction": known[1] if known else None}
+        known = await self._served_row(rid)
         if known is None:
-            return {"status": 404, "error": f"unknown request_id {request_id!r}"}
+            return {"status": 404, "error": f"unknown request_id {request_id!r}: no served row on record "
+                                            "(rows sampled out under overload are not monitored)"}
         version, pred = known
         now = time.time()
         await self._commit_label(request_id, label, now)
+        self.labelled[request_id] = (label, rid.issued_at)
         self.feedback_count += 1
-        dq = self.correct.setdefault(version, deque(maxlen=self.spec.drift.window))
-        dq.append(pred == label)
-        acc = float(np.mean(dq))
-        self.m_acc.set(acc, tags={"model": self.name, "version": str(version)})
-        trig = self.policy.on_labels(1, acc if len(dq) >= min(50, dq.maxlen) else None, now, self.version)
+        trig = self.core.label(version, [pred == label], now)
+        self.m_acc.set(float(np.mean(self.correct[version])), tags={"model": self.name, "version": str(version)})
         self._dirty = True
         if trig is not None:
             await self._on_trigger(trig)
-        return {"status": 200, "request_id": request_id, "label": label, "model_version": version, "prediction": pred}
+        return {"status": 200, "request_id": request_id, "label": label, "duplicate": False, "model_version": version,
+                "prediction": pred}
+
+    async def _existing_label(self, rid: request_ids.RequestId) -> int | None:
+        """The label already recorded for an id: from memory, or from the feedback table when the id may
+        have been labelled before this replica (a restart) or was forgotten (bounded memory)."""
+        hit = self.labelled.get(rid.request_id)
+        if hit is not None:
+            return hit[0]
+        if rid.issued_at > self.labels_cover_from:
+            return None
+        label = await self._label_lookups.get(rid)
+        if label is not None:
+            self.labelled[rid.request_id] = (label, rid.issued_at)
+        return label
+
+    async def _served_row(self, rid: request_ids.RequestId) -> tuple[int, int] | None:
+        """(model version, prediction) of a served row: from memory, after a short wait for a row still on its way
+        from a predictor (only for a young id), else from the inference log."""
+        known = self.known.get(rid.request_id)
+        deadline = min(time.time() + 3.0, rid.issued_at + FRESH_ID_S)
+        while known is None and time.time() < deadline:
+            await asyncio.sleep(0.05)
+            known = self.known.get(rid.request_id)
+        if known is None:
+            known = await self._prediction_lookups.get(rid)
+            if known is not None:
+                self.known[rid.request_id] = known
+        return known
 
     async def _commit_label(self, request_id: str, label: int, now: float) -> None:
         """Group commit: labels that arrive together share one Delta append; each caller returns only
@@ -413,20 +600,32 @@ class DriftMonitor:
                 if not b[3].done():
                     b[3].set_result(True)
 
-    def _lookup_logged(self, request_id: str) -> tuple[int, int] | None:
+    def _read_predictions(self, rids: list[request_ids.RequestId]) -> dict[request_ids.RequestId, tuple[int, int]]:
+        """One filtered inference-log read for every id waiting: by id, and by the hand-off time its id implies."""
         from driftloop.serving import logs
 
-        hit = logs.read_or_empty(logs.uris(self.settings, self.spec)["inference"], ["request_id", "model_version", "prediction"],
-                                 filters=[("request_id", "=", request_id)])
-        return (int(hit.iloc[-1]["model_version"]), int(hit.iloc[-1]["prediction"])) if len(hit) else None
+        hits = logs.lookup(logs.uris(self.settings, self.spec)["inference"], [r.request_id for r in rids],
+                           ["model_version", "prediction"], min(r.issued_at for r in rids) - 60,
+                           max(r.issued_at for r in rids) + 60)
+        by_id = {r.request_id: r for r in rids}
+        return {by_id[i]: (int(v), int(p)) for i, (v, p) in hits.items()}
+
+    def _read_labels(self, rids: list[request_ids.RequestId]) -> dict[request_ids.RequestId, int]:
+        """One filtered feedback-table read for every id waiting (a label is never older than its id)."""
+        from driftloop.serving import logs
+
+        hits = logs.lookup(logs.uris(self.settings, self.spec)["feedback"], [r.request_id for r in rids], ["label"],
+                           min(r.issued_at for r in rids) - request_ids.CLOCK_SKEW_S)
+        by_id = {r.request_id: r for r in rids}
+        return {by_id[i]: int(v[0]) for i, v in hits.items()}
 
     # --- visibility and admin ----------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
         self._ensure_tasks()
         d = self.detectors
         recent = [r.as_dict() for r in d.history] if d else []
-        acc = {str(v): {"accuracy": float(np.mean(q)), "labelled": len(q)} for v, q in self.correct.items() if len(q)}
-        job = self._tracker().status() if self.retrain is not None else None
+        acc = self.core.rolling_accuracy()
+        job = self._tracker().status()  # as of the poll loop's last look; error/since/attempts when the path fails
         return {
             "model": self.name, "model_version": self.version, "samples": d.samples if d else 0,
             "window": {"size": d.window if d else self.spec.drift.window, "fill": d.fill if d else 0, "index": d.windows if d else 0},
@@ -434,18 +633,20 @@ class DriftMonitor:
                           for x in (d.batch + d.online)] if d else [],
             "recent": recent[::-1], "restored_history": self.restored[::-1], "online": d.online_last if d else {},
             "rolling_accuracy": acc, "feedback": self.feedback_count, "dropped_rows": self.dropped_reported,
-            "policy": self.policy.snapshot(), "retraining": job,
+            "inference_log_dropped_rows": self.log_dropped,
+            "policy": self.policy.snapshot(), "retraining": job, "registry": self.registry_error or {"ok": True},
             "state": {"path": str(self.state_path), "persisted_at": self.persisted_at, "restored": self.restored_state,
                       "pending_submit": self.pending_submit, "unsaved_changes": self._dirty,
                       "replica_started_at": self.replica_started_at, "init_s": round(self.init_s, 3)},
         }
 
     async def trigger(self, reason: str = "manual") -> dict[str, Any]:
+        """A manual trigger goes the way of any other: durable, then to the Jobs API, retried until it is taken."""
         self._ensure_tasks()
         trig = self.policy.manual(time.time(), self.version)
         self._dirty = True
-        tracker = self._tracker()
-        return await asyncio.to_thread(tracker.submit, trig, None)
+        await self._on_trigger(trig)
+        return self._last_submit or {"submitted": False, "job": None, "why": "pending"}
 
 
 @serve.deployment(name="Predictor", num_replicas=2, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
@@ -456,7 +657,8 @@ class Predictor:
 
     MAX_BUFFER = 20_000
 
-    def __init__(self, monitor, spec: dict[str, Any], monitoring: bool = True, max_batch_rows: int = 256):
+    def __init__(self, monitor, spec: dict[str, Any], monitoring: bool = True, max_batch_rows: int = 256,
+                 feedback_rate: float | None = None, feedback_burst: float | None = None):
         from driftloop import registry
         from driftloop.settings import get_settings
 
@@ -472,11 +674,9 @@ class Predictor:
         v = registry.champion_version(self.settings, self.spec.name)
         if v is None:
             raise RuntimeError(f"model {self.spec.name!r} has no champion yet: run `driftloop sweep` first")
-        model, _ = _load_champion(self.settings, self.spec.name, v)
+        model = _load_champion(self.settings, self.spec.name, v)
         self.current = (model, v)
-        self.buffer: list = []
-        self.buffered = 0
-        self.dropped = 0
+        self._init_ingress(feedback_rate, feedback_burst)
         self._tasks: list[asyncio.Task] = []
         self.admin_token = _token(ADMIN_TOKEN_ENV)
         self.predict_token = _token(PREDICT_TOKEN_ENV)
@@ -491,6 +691,14 @@ class Predictor:
         fastapi_app.openapi_schema = schema
         self.init_s = time.time() - started  # constructor time: registry lookup, download, model load
 
+    def _init_ingress(self, feedback_rate: float | None, feedback_burst: float | None) -> None:
+        """The hand-off sample, the request-id key (shared with the monitor) and the /feedback rate limit."""
+        self.sample = Reservoir(self.MAX_BUFFER)  # (id, ts, x row, proba row, version) of rows served since the last flush
+        self.id_secret = request_ids.app_secret(self.settings.state_dir, _app_name())
+        self.id_max_age_s = request_ids.max_age_s()
+        rate = FEEDBACK_RATE if feedback_rate is None else float(feedback_rate)
+        self.feedback_limits = TokenBuckets(rate, FEEDBACK_BURST if feedback_burst is None else float(feedback_burst))
+
     def _ensure_tasks(self) -> None:
         if not self._tasks:
             loop = asyncio.get_running_loop()
@@ -504,7 +712,7 @@ class Predictor:
             try:
                 v = await asyncio.to_thread(registry.champion_version, self.settings, self.spec.name)
                 if v is not None and v != self.current[1]:
-                    model, _ = await asyncio.to_thread(_load_champion, self.settings, self.spec.name, v)
+                    model = await asyncio.to_thread(_load_champion, self.settings, self.spec.name, v)
                     self.current = (model, v)  # one assignment: in-flight batches keep the model they started with
                     log.info("predictor for %s swapped to version %s", self.spec.name, v)
             except Exception:
@@ -525,13 +733,12 @@ class Predictor:
         return out
 
     def _hand_to_monitor(self, ids: list[str], x: np.ndarray, proba: np.ndarray, version: int) -> None:
+        """Offer served rows to the hand-off sample: past MAX_BUFFER rows per period it keeps a uniform sample
+        of all rows (reservoir), so a burst is monitored evenly, and counts the rest."""
         if not self.monitoring:
             return
-        if self.buffered + len(x) > self.MAX_BUFFER:
-            self.dropped += len(x)  # overload: sample out and count, never queue without bound
-            return
-        self.buffer.append((ids, [time.time()] * len(ids), x, proba, version))
-        self.buffered += len(x)
+        now = time.time()
+        self.sample.offer([(rid, now, x[i], proba[i], version) for i, rid in enumerate(ids)])
 
     async def _flush_loop(self) -> None:
         while True:
@@ -539,17 +746,15 @@ class Predictor:
             await self._flush()
 
     async def _flush(self) -> None:
-        if not self.buffer:
+        if not len(self.sample):
             return
-        buf, self.buffer, self.buffered = self.buffer, [], 0
-        dropped, self.dropped = self.dropped, 0
+        rows, dropped = self.sample.drain()
         by_version: dict[int, list] = {}
-        for item in buf:
-            by_version.setdefault(item[4], []).append(item)
+        for row in rows:
+            by_version.setdefault(row[4], []).append(row)
         for version, items in by_version.items():
-            batch = {"ids": [i for it in items for i in it[0]], "ts": [t for it in items for t in it[1]],
-                     "x": np.concatenate([it[2] for it in items]), "proba": np.concatenate([it[3] for it in items]),
-                     "version": version, "dropped": dropped}
+            batch = {"ids": [r[0] for r in items], "ts": [r[1] for r in items], "x": np.stack([r[2] for r in items]),
+                     "proba": np.stack([r[3] for r in items]), "version": version, "dropped": dropped}
             dropped = 0
             try:
                 await self.monitor.observe.remote(batch)
@@ -563,15 +768,12 @@ class Predictor:
         if self.predict_token is not None and not _authorised(request, self.predict_token):
             return _error(401, "missing or wrong bearer token")
         try:
-            length = int(request.headers.get("content-length") or 0)
-            if length > 1_000_000:
-                raise InvalidInput(f"body of {length} bytes exceeds the limit of 1000000 bytes", 413)
-            x = parse_rows(parse_json(await request.body()), self.features, self.max_batch_rows)
+            x = parse_rows(parse_json(await _read_body(request, MAX_BODY_BYTES)), self.features, self.max_batch_rows)
         except InvalidInput as err:
             return _error(err.status, str(err))
         proba, version = await self._infer(x)
-        rid = uuid.uuid4().hex
-        ids = [rid] if len(x) == 1 else [f"{rid}-{i}" for i in range(len(x))]
+        rid = request_ids.issue(self.id_secret, version, len(x))
+        ids = request_ids.row_ids(rid, len(x))
         self._hand_to_monitor(ids, x, proba, version)
         preds = self.classes[proba.argmax(axis=1)]
         rows = [{"id": i, "prediction": int(p), "probabilities": [round(float(q), 6) for q in pr]} for i, p, pr in zip(ids, preds, proba)]
@@ -580,11 +782,18 @@ class Predictor:
     @fastapi_app.post("/feedback", summary="Record the ground-truth label of a served row")
     async def feedback(self, request: Request):
         self._ensure_tasks()
+        client = request.client.host if request.client else "unknown"
+        if not self.feedback_limits.allow(client):
+            lim = self.feedback_limits
+            return _error(429, f"too many /feedback requests from {client}: at most {lim.rate:g}/s (burst {lim.burst:g}); "
+                               "retry later", {"Retry-After": "1"})
         try:
-            rid, label = parse_feedback(parse_json(await request.body(), 10_000), self.spec.dataset.classes)
+            rid, label = parse_feedback(parse_json(await _read_body(request, 10_000), 10_000), self.spec.dataset.classes)
+            issued = request_ids.verify(self.id_secret, rid, max_age=self.id_max_age_s)  # forged or expired: no lookup
         except InvalidInput as err:
             return _error(err.status, str(err))
-        await self._flush()  # the row may still be in this replica's buffer
+        if time.time() - issued.issued_at < FRESH_ID_S:
+            await self._flush()  # the row may still be in this replica's buffer
         try:
             res = await self.monitor.feedback.remote(rid, label)
         except Exception as err:
@@ -656,4 +865,5 @@ def build(args: dict[str, Any]):
     spec = load_spec(_resolve(str(args["spec"])))
     monitoring = bool(args.get("monitoring", True))
     d = spec.model_dump(mode="json")
-    return Predictor.bind(DriftMonitor.bind(d), d, monitoring, int(args.get("max_batch_rows", 256)))
+    return Predictor.bind(DriftMonitor.bind(d), d, monitoring, int(args.get("max_batch_rows", 256)),
+                          args.get("feedback_rate"), args.get("feedback_burst"))

@@ -22,28 +22,35 @@ def _ray_bin() -> str:
 
 
 def ensure_head() -> str:
-    """The dashboard address of the cluster to deploy to; starts a local head (127.0.0.1) if none runs."""
-    for var in ("DRIFTLOOP_JOBS_ADDRESS", "RAY_ADDRESS"):
-        if os.environ.get(var, "").startswith("http"):
-            return os.environ[var]
-    if os.environ.get("RAY_ADDRESS"):
-        import ray
+    """The dashboard address of the cluster to deploy to; starts a local head (127.0.0.1) if none runs.
 
-        from driftloop.cluster import dashboard_url
+    A local head must take a job before we return: one whose dashboard agent could not bind its port (a Ray
+    that just stopped still held it) serves and lists jobs but refuses every retraining job with HTTP 500.
+    """
+    if os.environ.get("DRIFTLOOP_JOBS_ADDRESS", "").startswith("http") or os.environ.get("RAY_ADDRESS"):
+        from driftloop.jobs import jobs_address
 
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        try:
-            return dashboard_url()
-        finally:
-            ray.shutdown()
+        return jobs_address()
     probe = subprocess.run([_ray_bin(), "status"], capture_output=True, text=True, timeout=60)
     if probe.returncode != 0:
         cmd = [_ray_bin(), "start", "--head", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
-               f"--num-cpus={max(LOCAL_CPUS, os.cpu_count() or 1)}", "--disable-usage-stats"]
+               f"--num-cpus={max(LOCAL_CPUS, os.cpu_count() or 1)}", "--disable-usage-stats",
+               "--dashboard-agent-listen-port=0"]  # any free port: never the one a Ray just stopped still holds
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
         if r.returncode != 0:
             raise LoopError(f"could not start local Ray: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    check_jobs_api(DASHBOARD)
     return DASHBOARD
+
+
+def check_jobs_api(address: str, timeout_s: float = 90.0) -> None:
+    """Fail with one line unless the Jobs API at ADDRESS takes and runs a trivial job (retraining depends on it)."""
+    from driftloop.jobs import RetrainPathDown, check_accepts_jobs
+
+    try:
+        check_accepts_jobs(address, timeout_s)
+    except RetrainPathDown as err:
+        raise LoopError(f"{err}; retraining could not run there (`ray stop`, then try again)") from None
 
 
 def prepare_config(file: Path) -> dict:

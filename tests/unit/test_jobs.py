@@ -1,0 +1,159 @@
+"""The retraining-job bookkeeping that needs no Ray: ids, metadata, sequences, plans, backoff, environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from ray.job_submission import JobDetails, JobStatus, JobType
+
+from driftloop import jobs
+from driftloop.drift.policy import Trigger
+from driftloop.settings import Settings
+
+T0 = 1_800_000_000.0
+
+
+def job(sid: str, status: str, meta: dict | None, start: float, end: float | None = None, message: str = "") -> JobDetails:
+    """A Jobs API record as `list_jobs()` returns it (Ray's own pydantic model)."""
+    return JobDetails(type=JobType.SUBMISSION, submission_id=sid, status=JobStatus(status), entrypoint="python -m x",
+                      metadata=meta, start_time=int(start * 1000), end_time=int(end * 1000) if end else None,
+                      message=message or None)
+
+
+def meta(trig: Trigger, generation: int, attempt: int = 0, max_retries: int = 2, backoff: float = 10.0) -> dict:
+    m = jobs.trigger_metadata("digits", trig, generation, None, max_retries, backoff, trig.at)
+    return {**m, "attempt": str(attempt)}
+
+
+def seqs_of(*records: JobDetails) -> list[jobs.Sequence]:
+    return jobs.group(jobs.attempts_of("digits", records))
+
+
+def test_submission_ids_parse_back_and_other_models_are_not_ours():
+    assert jobs.parse_submission_id("digits", "driftloop-retrain-digits-v3-g7") == (3, 7, 0)
+    assert jobs.parse_submission_id("digits", "driftloop-retrain-digits-v3-g7-r2") == (3, 7, 2)
+    assert jobs.parse_submission_id("digits", "driftloop-retrain-digitsburst-v3-g0") is None
+    assert jobs.parse_submission_id("a", "driftloop-retrain-a-v1-v3-g0") is None  # model "a-v1", not "a"
+    assert jobs.parse_submission_id("digits", "raysubmit_abc") is None
+    assert jobs.parse_submission_id("digits", None) is None
+
+
+def test_only_the_same_trigger_may_reuse_a_job():
+    """Regression (defect 1): 'already exists' counted as success whoever held the id."""
+    a = meta(Trigger("drift", T0, 3), 0)
+    assert jobs.same_trigger(a, dict(a, attempt="1", submitted_at="x"))  # a retry of the same trigger
+    assert not jobs.same_trigger(a, meta(Trigger("drift", T0 + 1, 3), 0))  # a later trigger
+    assert not jobs.same_trigger(a, meta(Trigger("drift", T0, 4), 0))  # another champion
+    assert not jobs.same_trigger(a, {"model": "digits", "reason": "old job without identity"})
+
+
+def test_a_trigger_during_retry_backoff_joins_the_sequence_not_the_failed_attempt():
+    """Regression (defect 1): a second trigger while attempt 0 waits for its retry joins the sequence; it does
+    not count as submitted and does not restart the retries from attempt 0."""
+    first = Trigger("drift", T0, 3)
+    seqs = seqs_of(job("driftloop-retrain-digits-v3-g0", "FAILED", meta(first, 0), T0 + 1, T0 + 5))
+    kind, seq = jobs.plan("digits", Trigger("manual", T0 + 6, 3), seqs)
+    assert kind == "join" and seq.latest.submission_id == "driftloop-retrain-digits-v3-g0"
+    assert not seq.final and seq.next_retry_at() == pytest.approx(T0 + 5 + 10)
+    assert "retry backoff" in jobs.why(kind, seq)
+
+
+def test_a_restarted_monitor_handing_in_its_trigger_again_gets_that_trigger_s_job():
+    trig = Trigger("drift", T0, 3)
+    seqs = seqs_of(job("driftloop-retrain-digits-v3-g4", "SUCCEEDED", meta(trig, 4), T0 + 1, T0 + 50))
+    assert jobs.plan("digits", trig, seqs)[0] == "own"
+
+
+def test_after_a_final_sequence_a_new_trigger_gets_a_new_generation():
+    """Regression (defect 2): a new trigger must never map onto an old SUCCEEDED job."""
+    old = Trigger("drift", T0, 3)
+    seqs = seqs_of(job("driftloop-retrain-digits-v3-g0", "SUCCEEDED", meta(old, 0), T0 + 1, T0 + 50))
+    assert jobs.plan("digits", Trigger("drift", T0 + 60, 3), seqs) == ("new", None)
+    assert jobs.next_generation(seqs) == 1
+    # decided while that job ran (a delayed hand-in), the same trigger is answered by it
+    assert jobs.plan("digits", Trigger("drift", T0 + 20, 3), seqs)[0] == "covered"
+    assert jobs.plan("digits", Trigger("drift", T0 + 20, 4), seqs)[0] == "new"  # not for another champion
+
+
+def test_generation_counts_every_job_of_the_model_even_without_metadata():
+    seqs = seqs_of(job("driftloop-retrain-digits-v1-g5", "FAILED", {"model": "digits", "reason": "pre-metadata"}, T0, T0 + 1),
+                   job("driftloop-retrain-digits-v2-g2", "SUCCEEDED", meta(Trigger("x", T0, 2), 2), T0, T0 + 1),
+                   job("driftloop-retrain-other-v1-g9", "SUCCEEDED", {"model": "other"}, T0, T0 + 1))
+    assert jobs.next_generation(seqs) == 6 and jobs.next_generation([]) == 0
+
+
+def test_retries_follow_the_policy_the_trigger_was_submitted_under():
+    trig = Trigger("drift", T0, 3)
+    m = meta(trig, 1, max_retries=1, backoff=0.5)
+    seqs = seqs_of(job("driftloop-retrain-digits-v3-g1", "FAILED", m, T0, T0 + 2),
+                   job("driftloop-retrain-digits-v3-g1-r1", "FAILED", dict(m, attempt="1"), T0 + 3, T0 + 4, "boom\nmore"))
+    (seq,) = seqs
+    assert seq.final and seq.next_retry_at() is None  # 1 retry allowed, 1 made
+    v = seq.view()
+    assert v["submission_id"].endswith("-g1-r1") and v["base_id"].endswith("-g1") and v["attempt"] == 1
+    assert v["final"] and v["status"] == "FAILED" and v["message"] == "boom" and v["trigger_at"] == T0
+    assert [r["status"] for r in v["runs"]] == ["FAILED", "FAILED"]
+
+
+def test_a_running_retry_and_a_stopped_job():
+    trig = Trigger("drift", T0, 3)
+    (seq,) = seqs_of(job("driftloop-retrain-digits-v3-g0", "FAILED", meta(trig, 0), T0, T0 + 1),
+                     job("driftloop-retrain-digits-v3-g0-r1", "RUNNING", meta(trig, 0, 1), T0 + 20))
+    assert not seq.final and seq.latest.attempt == 1 and seq.next_retry_at() is None
+    (stopped,) = seqs_of(job("driftloop-retrain-digits-v3-g0", "STOPPED", meta(trig, 0), T0, T0 + 1))
+    assert stopped.final, "a person stopped it: not retried"
+
+
+def test_submission_backoff_is_exponential_capped_and_never_gives_up():
+    assert [jobs.backoff_s(n) for n in (1, 2, 3, 4)] == [2.0, 4.0, 8.0, 16.0]
+    assert jobs.backoff_s(50) == jobs.SUBMIT_BACKOFF_CAP_S
+    h = jobs.PathHealth()
+    assert h.error()["error"] is None and h.due("submit", T0)
+    for i in range(5):
+        h.failed("submit", "Ray Jobs API at x: 500 No available agent", T0 + i)
+    e = h.error()
+    assert (e["error"], e["since"], e["attempts"]) == ("Ray Jobs API at x: 500 No available agent", T0, 5)
+    assert not h.due("submit", T0 + 5) and h.due("submit", T0 + 4 + jobs.SUBMIT_BACKOFF_CAP_S)
+    assert h.submit_failures == 5
+    h.ok("submit")
+    assert h.error()["error"] is None and h.submit_failures == 5  # the counter only grows
+
+
+def test_no_credential_reaches_a_job(tmp_path: Path):
+    s = Settings(home=tmp_path, data_root=str(tmp_path / "t"), tracking_uri="postgresql://ml:hunter2@db/mlflow", ray_address=None)
+    env = jobs.job_env(s, {"DRIFTLOOP_POLL_S": "1", "DRIFTLOOP_ADMIN_TOKEN": "t", "MLFLOW_TRACKING_PASSWORD": "p",
+                           "MLFLOW_S3_SECRET_ACCESS_KEY": "k", "MLFLOW_TRACKING_USERNAME": "ml", "HOME": "/root",
+                           "DRIFTLOOP_X_URI": "https://u:pw@h/x"})
+    assert env["DRIFTLOOP_POLL_S"] == "1" and env["MLFLOW_TRACKING_USERNAME"] == "ml" and "HOME" not in env
+    assert not any(k in env for k in ("DRIFTLOOP_ADMIN_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_S3_SECRET_ACCESS_KEY"))
+    assert env["MLFLOW_TRACKING_URI"] == "postgresql://ml@db/mlflow" and env["DRIFTLOOP_X_URI"] == "https://u@h/x"
+    assert "hunter2" not in str(env) and "pw@" not in str(env)
+
+
+def test_a_monitor_s_pending_record_becomes_its_trigger():
+    t = jobs.trigger_from({"reason": "r", "at": T0, "champion": 3, "event_id": "e1", "cause": "drift event e1"})
+    assert (t.reason, t.at, t.champion_version) == ("r", T0, 3)
+    assert getattr(t, "event_id", "e1") == "e1" and getattr(t, "cause", "drift event e1") == "drift event e1"
+    assert jobs.trigger_from({"reason": "r", "at": T0, "champion": None}).champion_version is None
+
+
+def test_error_lines_are_one_line():
+    assert jobs.one_line(RuntimeError("Request failed with status code 500: No available agent.\nmore")) == \
+        "Request failed with status code 500: No available agent."
+    tb = "Request failed with status code 500: Traceback (most recent call last):\n  File x\nValueError: bad"
+    assert jobs.one_line(tb) == "Request failed with status code 500: ValueError: bad"
+
+
+def test_a_jobs_api_nobody_answers_is_an_error_not_no_jobs():
+    """Regression (defect 2): the Jobs API is the source of truth, so not reaching it is an error, never 'none'."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    view = jobs.JobsView("digits", address=f"http://127.0.0.1:{port}")
+    with pytest.raises(jobs.RetrainPathDown, match=f"127.0.0.1:{port}"):
+        view.refresh()
+    st = view.status()
+    assert st["error"] and st["attempts"] == 1 and st["since"] and st["current"] is None
