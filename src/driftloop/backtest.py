@@ -203,12 +203,17 @@ def _retrain(settings: Settings, lane: Lane, stream: Stream, trig, now: float, s
     if len(train_rows):
         ingest_frame(train_rows, uri, ds, f"backtest:{stream.name}:rows {lane.in_table}-{lane.in_table + len(train_rows)}")
         lane.in_table += len(train_rows)
+    from driftloop.drift.reference import onset
+    from driftloop.retrain import reference_min_rows
+
     since, cause_row = lane.events.get(trig.event_id or "", (lane.swapped_at, served_upto))
+    runs = [(w["event_id"], float(stream.times[w["first"]]), w["is_drift"], w["version"]) for w in lane.windows]
+    since = onset(runs, trig.event_id) if trig.event_id and onset(runs, trig.event_id) is not None else since
     served = stream.rows.iloc[:served_upto][ds.features].assign(
         request_id=[f"r{i}" for i in range(served_upto)], ts=stream.times[:served_upto])
     trained_ids = {f"r{i}" for i in range(lane.in_table)}
     reference = pick_reference(spec.retraining.reference, served, ds.features, trained_ids, since,
-                               spec.drift.reference_rows, spec.drift.window)
+                               spec.drift.reference_rows, reference_min_rows(spec))
     tags = {"driftloop.kind": "backtest", "backtest.id": stamp, "backtest.strategy": lane.strategy,
             "lineage.cause": trig.cause or "schedule", "lineage.trigger": trig.reason[:250]}
     stages: dict[str, float] = {}
@@ -262,7 +267,7 @@ def run_lane(settings: Settings, spec: Spec, stream: Stream, strategy: str, vers
             for rep in d.windows:
                 first = lane.detectors_from + rep.index * rep.rows
                 lane.events[rep.event_id] = (float(stream.times[first]), first)  # the window's first row, not its chunk
-                lane.windows.append({"first": first, "end": first + rep.rows, "version": rep.model_version,
+                lane.windows.append({"event_id": rep.event_id, "first": first, "end": first + rep.rows, "version": rep.model_version,
                                      "is_drift": rep.is_drift})
             triggers += d.triggers
         upto = max(lane.labelled_upto, end - label_delay)

@@ -51,22 +51,29 @@ def _version_of_trigger(uri: str, trigger_id: str) -> dict | None:
     return max(hits, key=lambda h: int(h["version"])) if hits else None
 
 
+def reference_min_rows(spec: Spec) -> int:
+    """Fewest recent rows a reference may hold: half a window (two-sample tests stay valid with unequal sizes)."""
+    return max(spec.drift.window // 2, 50)
+
+
 def _reference(settings: Settings, spec: Spec, drift_event: str | None, champion_since: float | None,
                trained_ids: set[str]):
-    """The new champion's drift reference: served rows since the triggering window began (drift/reference.py)."""
-    from driftloop.drift.reference import pick_reference
+    """The new champion's drift reference: served rows since the drift began (drift/reference.py)."""
+    from driftloop.drift.reference import onset, pick_reference
     from driftloop.serving import logs
 
     u = logs.uris(settings, spec)
     since = champion_since
     if drift_event:
-        ev = logs.read_or_empty(u["drift_events"], ["event_id", "started_at"], filters=[("event_id", "=", drift_event)])
-        if len(ev):
-            since = float(ev["started_at"].min())
+        ev = logs.read_or_empty(u["drift_events"], ["event_id", "started_at", "is_drift", "model_version", "ts"],
+                                filters=[("ts", ">=", champion_since)] if champion_since else None)
+        ev = ev.sort_values("ts")
+        began = onset(list(zip(ev["event_id"], ev["started_at"], ev["is_drift"], ev["model_version"])), drift_event)
+        since = began if began is not None else since
     cols = ["request_id", "ts", *spec.dataset.features]
     served = logs.read_or_empty(u["inference"], cols, filters=[("ts", ">=", since)] if since else None)
     return pick_reference(spec.retraining.reference, served, spec.dataset.features, trained_ids, since,
-                          spec.drift.reference_rows, spec.drift.window)
+                          spec.drift.reference_rows, reference_min_rows(spec))
 
 
 def run_retrain(spec: Spec, settings: Settings, job_id: str, reason: str, drift_event: str | None = None,

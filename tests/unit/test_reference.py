@@ -34,3 +34,13 @@ def test_too_few_recent_rows_or_table_mode_fall_back_to_the_training_table():
     assert pick_reference("table", log, F, set(), None, 1000, 10).x is None
     empty = pick_reference("recent", pd.DataFrame(columns=["request_id", "ts", *F]), F, set(), None, 1000, 10)
     assert empty.x is None
+
+
+def test_the_reference_starts_where_the_run_of_drifted_windows_began():
+    from driftloop.drift.reference import onset
+
+    w = [("a", 0.0, False, 1), ("b", 10.0, True, 1), ("c", 20.0, True, 1), ("d", 30.0, True, 1), ("e", 40.0, False, 1)]
+    assert onset(w, "d") == 10.0                     # b, c, d drifted in a row: the drift began at b
+    assert onset(w, "b") == 10.0
+    assert onset([("x", 5.0, True, 0), ("y", 8.0, True, 1)], "y") == 8.0   # another version's windows do not count
+    assert onset(w, "zz") is None

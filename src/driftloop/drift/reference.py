@@ -42,6 +42,21 @@ def pick_reference(
     return Reference(recent[features].to_numpy(np.float32), f"{len(recent)} newest served rows{start} not trained on")
 
 
+def onset(windows: list[tuple[str, float, bool, int]], event_id: str) -> float | None:
+    """The start of the run of drifted windows that ends at the triggering one: (event id, start, is_drift,
+    model version) in time order. The triggering window alone may hold too few rows the challenger did not
+    train on (most of them are labelled and trained on)."""
+    at = next((i for i, w in enumerate(windows) if w[0] == event_id), None)
+    if at is None:
+        return None
+    start, version = windows[at][1], windows[at][3]
+    for _eid, began, drifted, v in reversed(windows[:at]):
+        if not drifted or v != version:
+            break
+        start = began
+    return start
+
+
 def _when(t: float) -> str:
     """A wall-clock time as UTC; a backtest's row clock (seconds from 0) as t=N."""
     return pd.Timestamp(t, unit="s").strftime("%Y-%m-%dT%H:%M:%SZ") if t > 1e8 else f"t={t:g}"

@@ -198,6 +198,11 @@ class DriftMonitor:
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._poll_alias()), loop.create_task(self._flush_loop())]
 
+    async def check_health(self) -> None:
+        """Serve's periodic health check also starts the poll loops, so an app with no traffic yet still follows
+        the champion alias, new data and retraining jobs."""
+        self._ensure_tasks()
+
     def _load_new_champion(self):
         """(version, windowed detectors, manifest) when the alias moved, else None; no lock held while downloading.
         A registry error is kept for /drift ("registry unreachable") and raised: never read as "no champion"."""
@@ -703,6 +708,11 @@ class Predictor:
         if not self._tasks:
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._poll_alias()), loop.create_task(self._flush_loop())]
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check also starts the poll loops, so an app with no traffic yet still follows
+        the champion alias, new data and retraining jobs."""
+        self._ensure_tasks()
 
     async def _poll_alias(self) -> None:
         from driftloop import registry
