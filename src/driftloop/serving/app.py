@@ -302,7 +302,7 @@ class DriftMonitor:
             if len(df):
                 df = df.sort_values("ts").tail(self.spec.drift.history)
                 self.restored = [{"event_id": r.event_id, "ts": r.ts, "model_version": int(r.model_version),
-                                  "is_drift": bool(r.is_drift), "min_p_val": r.min_p_val, "restored": True}
+                                  "is_drift": bool(r.is_drift), "min_p_val": None if r.min_p_val != r.min_p_val else float(r.min_p_val), "restored": True}
                                  for r in df.itertuples()]
         except Exception:
             log.exception("could not read drift_events history")
