@@ -208,7 +208,8 @@ def _retrain(settings: Settings, lane: Lane, stream: Stream, trig, now: float, s
 
     since, cause_row = lane.events.get(trig.event_id or "", (lane.swapped_at, served_upto))
     runs = [(w["event_id"], float(stream.times[w["first"]]), w["is_drift"], w["version"]) for w in lane.windows]
-    since = onset(runs, trig.event_id) if trig.event_id and onset(runs, trig.event_id) is not None else since
+    began = onset(runs, trig.event_id) if trig.event_id else None
+    since = since if began is None else began
     served = stream.rows.iloc[:served_upto][ds.features].assign(
         request_id=[f"r{i}" for i in range(served_upto)], ts=stream.times[:served_upto])
     trained_ids = {f"r{i}" for i in range(lane.in_table)}
