@@ -50,7 +50,7 @@ def train_champion(epochs: int = 10):
     from driftloop.data.ingest import ingest
     from driftloop.registry import client, experiment_id
     from driftloop.settings import get_settings
-    from driftloop.sweep import finish_training
+    from driftloop.gate import register_and_gate
     from driftloop.train import default_hparams, make_trainer
 
     s = get_settings().ensure()
@@ -63,7 +63,7 @@ def train_champion(epochs: int = 10):
     res = make_trainer(spec, dv, default_hparams(spec), "bench", str(s.home / "ray_results")).fit()
     run = client(s).create_run(experiment_id(s, spec.name), run_name="bench")
     with res.checkpoint.as_directory() as ckpt:
-        out = finish_training(spec, s, dv, Path(ckpt), run.info.run_id)
+        out = register_and_gate(spec, s, dv, Path(ckpt), run.info.run_id)
     return spec, s, out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from driftloop.envs import shared_env
 from driftloop.settings import Settings
 
 LOCAL_CPUS = 4  # logical CPUs for the embedded cluster: fractional Train workers + Serve replicas on 2 cores
@@ -22,9 +23,7 @@ def ensure_ray(settings: Settings, namespace: str = "driftloop") -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runtime_env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("DRIFTLOOP_", "MLFLOW_"))}}
-    runtime_env["env_vars"].setdefault("DRIFTLOOP_HOME", str(settings.home))
-    runtime_env["env_vars"].setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri)
+    runtime_env = {"env_vars": shared_env(settings)}  # never a credential: see driftloop.envs
     if settings.ray_address:
         # An existing cluster (or a Ray job's driver): its processes already carry their environment,
         # and a job's runtime env cannot be merged with another one.

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from driftloop.config import Spec, load_spec
+from driftloop.errors import LoopError
 from driftloop.settings import Settings, get_settings
 
 log = logging.getLogger("driftloop.retrain")
-FAIL_MARKER = "fail-retrain-{name}"  # fault injection for tests: the job fails while this file exists
 
 
 # --- the job ---------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def _reference(settings: Settings, spec: Spec, drift_event: str | None, champion
                trained_ids: set[str]):
     """The new champion's drift reference: served rows since the drift began (drift/reference.py)."""
     from driftloop.drift.reference import onset, pick_reference
-    from driftloop.serving import logs
+    from driftloop.data import logs
 
     u = logs.uris(settings, spec)
     since = champion_since
@@ -83,14 +83,14 @@ def run_retrain(spec: Spec, settings: Settings, job_id: str, reason: str, drift_
     from driftloop.cluster import ensure_ray
     from driftloop.data import tables
     from driftloop.data.ingest import ingest_frame
-    from driftloop.serving import logs
+    from driftloop.data import logs
     from driftloop.train import decode_hparams
 
     t0 = time.time()
-    if (settings.state_dir / FAIL_MARKER.format(name=spec.name)).exists():
-        raise RuntimeError("injected failure (fault-injection marker present)")
-    champion = registry.champion_version(settings, spec.name)
     uri = settings.table_uri(spec.dataset.table)
+    if not tables.exists(uri):
+        raise LoopError(f"no table {spec.dataset.table!r} at {uri}: retraining needs the training data (`driftloop data ingest`)")
+    champion = registry.champion_version(settings, spec.name)
     stages: dict[str, float] = {}
     base_id = re.sub(r"-r\d+$", "", job_id)  # retries of one trigger share it
 
@@ -147,7 +147,8 @@ def train_and_gate(spec: Spec, settings: Settings, dv, hp: dict[str, Any], run_n
     gate: the step that live retraining and the backtest share. The gate scores on `eval_rows` (the test split
     when there are none)."""
     from driftloop import registry
-    from driftloop.sweep import data_sample, finish_training
+    from driftloop.gate import register_and_gate
+    from driftloop.sweep import data_sample
     from driftloop.train import make_trainer
 
     c = registry.client(settings)
@@ -178,7 +179,7 @@ def train_and_gate(spec: Spec, settings: Settings, dv, hp: dict[str, Any], run_n
             y_eval = eval_rows[spec.dataset.label].to_numpy(np.int64)
             label = f"{len(eval_rows)} recent labelled production rows (held out)"
         with result.checkpoint.as_directory() as ckpt:
-            out = finish_training(spec, settings, dv, Path(ckpt), rid, version_tags, x_eval, y_eval, label, reference, tail)
+            out = register_and_gate(spec, settings, dv, Path(ckpt), rid, version_tags, x_eval, y_eval, label, reference, tail)
         stages["register_and_gate_s"] = time.time() - t2
         for k, v in stages.items():
             c.log_metric(rid, f"stage.{k}", v)

@@ -12,7 +12,7 @@ from driftloop.settings import get_settings
 def model_status(name: str, url: str | None = None, events: int = 10) -> dict[str, Any]:
     from driftloop import registry
     from driftloop.errors import LoopError
-    from driftloop.serving.logs import read_or_empty
+    from driftloop.data.logs import read_or_empty
 
     s = get_settings()
     versions = registry.list_versions(s, name)

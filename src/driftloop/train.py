@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,22 +75,6 @@ def class_index(y: np.ndarray, classes: list[int]) -> np.ndarray:
 TRAIN_POLL_S = "0.25"
 
 
-def _wait_for_registered_checkpoint(ctx, epoch: int, timeout_s: float = 60.0) -> None:
-    """Fault injection only: wait until Train's checkpoint-manager snapshot names a checkpoint of `epoch` or later."""
-    storage = ctx.get_storage()
-    path = storage.experiment_fs_path.rstrip("/") + "/checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with storage.storage_filesystem.open_input_stream(path) as f:
-                latest = json.loads(f.read().decode()).get("latest_checkpoint_result") or {}
-            if int(latest.get("metrics", {}).get("epoch", -1)) >= epoch:
-                return
-        except (OSError, ValueError):  # not written yet, or caught mid-write
-            pass
-        time.sleep(0.2)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Train worker: DDP over a sharded loader, one report (metrics + checkpoint) per epoch."""
     import ray.train
@@ -135,20 +118,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     loader = prepare_data_loader(loader)
     opt = torch.optim.Adam(ddp_model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
-    fail_at = config.get("fail_at_epoch")  # fault injection for tests: a worker dies once at this epoch
 
     for epoch in range(start_epoch, hp["epochs"]):
-        if fail_at is not None and epoch == fail_at and rank == ctx.get_world_size() - 1:
-            marker = Path(config["fail_marker"])
-            if not marker.exists():
-                # die only once the controller has registered the previous epoch's checkpoint (it collects
-                # reports when it polls the workers), so the test knows where training must resume
-                ce = spec.training.checkpoint_every
-                last_ckpt = (epoch // ce) * ce - 1  # the last epoch < `epoch` that wrote a checkpoint
-                if last_ckpt >= 0:
-                    _wait_for_registered_checkpoint(ctx, last_ckpt)
-                marker.write_text(str(os.getpid()))
-                os._exit(1)
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         ddp_model.train()

@@ -166,20 +166,48 @@ def test_sweep_as_a_ray_job(trained, ray_cluster, tmp_path):
 
 
 def test_training_survives_a_worker_failure(trained, settings, tmp_path):
-    """A Train worker process dies mid-run: the worker group restarts and resumes from the last checkpoint."""
+    """A Train worker process is SIGKILLed mid-run, from outside, once the controller has registered a
+    checkpoint: the worker group restarts and resumes from that checkpoint or a later one, never from scratch."""
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
     from driftloop.config import parse_spec
     from driftloop.train import default_hparams, make_trainer
 
     spec, o = trained
     d = spec.model_dump(mode="json")
-    d["training"].update(epochs=4, checkpoint_every=1, max_failures=2)
+    d["training"].update(epochs=60, checkpoint_every=1, max_failures=2)
     sp = parse_spec(d)
-    marker = tmp_path / "worker-died"
-    res = make_trainer(sp, o.data, default_hparams(sp), "worker-failure", str(settings.home / "ray_results"),
-                       extra={"fail_at_epoch": 2, "fail_marker": str(marker)}).fit()
-    assert marker.exists(), "the injected failure did not happen"
-    assert res.error is None and res.metrics["epoch"] == 3
-    print(f"worker died at epoch 2; training resumed from epoch {res.metrics['resumed_from_epoch']} and finished")
-    # the injected death waits until the controller has registered the epoch-1 checkpoint, so training must
-    # resume right after it: not from scratch, not from an older checkpoint
-    assert res.metrics["resumed_from_epoch"] == 2
+    storage = tmp_path / "results"
+    snapshot = storage / "worker-failure" / "checkpoint_manager_snapshot.json"
+    killed: dict = {}
+
+    def registered_epoch() -> int:
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            return int(latest.get("metrics", {}).get("epoch", -1))
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            return -1
+
+    def kill_a_worker_once_a_checkpoint_is_registered():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            epoch = registered_epoch()
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if epoch >= 1 and workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.update(epoch=epoch, pid=workers[-1].pid)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_a_worker_once_a_checkpoint_is_registered, daemon=True)
+    watcher.start()
+    res = make_trainer(sp, o.data, default_hparams(sp), "worker-failure", str(storage)).fit()
+    watcher.join(5)
+    assert killed, "no worker was killed: training ended before a checkpoint was registered"
+    assert res.error is None and res.metrics["epoch"] == 59
+    resumed = res.metrics["resumed_from_epoch"]
+    print(f"worker {killed['pid']} killed with epoch {killed['epoch']} registered; training resumed from epoch {resumed}")
+    assert killed["epoch"] + 1 <= resumed < 60

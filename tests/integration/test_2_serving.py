@@ -123,7 +123,7 @@ def test_clean_windows_raise_no_drift_then_noise_is_flagged_within_two_windows(a
     from ray import serve
 
     from driftloop.serving.app import build
-    from driftloop.serving.logs import read_or_empty, uris
+    from driftloop.data.logs import read_or_empty, uris
 
     serve.delete("digits")
     serve.run(build({"spec": str(serving_spec)}), name="digits", route_prefix="/digits")
@@ -144,7 +144,7 @@ def _metrics(port):
 
 def test_feedback_is_durable_before_2xx_and_feeds_rolling_accuracy(app, settings, trained):
     from driftloop.data import tables
-    from driftloop.serving.logs import uris
+    from driftloop.data.logs import uris
 
     spec, _ = trained
     pool = examples.builtin("digits").pool.iloc[:30]
@@ -195,7 +195,7 @@ def test_a_label_counts_once_even_when_repeated_or_sent_concurrently(app, settin
     """Defect 2: every repeat of a label counted again (policy, feedback count, accuracy): one client could
     trigger retraining by repeating one label."""
     from driftloop.data import tables
-    from driftloop.serving.logs import uris
+    from driftloop.data.logs import uris
 
     spec, _ = trained
     pool = examples.builtin("digits").pool.iloc[200:202]

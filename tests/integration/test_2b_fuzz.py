@@ -54,7 +54,7 @@ def _check(resp, counts):
 
 @pytest.mark.parametrize("endpoint", ["/predict", "/feedback"])
 def test_fuzzed_requests_never_5xx_and_never_enter_a_window(fuzz_app, endpoint, settings, trained):
-    from driftloop.serving.logs import read_or_empty, uris
+    from driftloop.data.logs import read_or_empty, uris
 
     spec, _ = trained
     inference_before = len(read_or_empty(uris(settings, spec)["inference"]))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from ray.job_submission import JobDetails, JobStatus, JobType
 
-from driftloop import jobs
+from driftloop import job_sequences, jobs
 from driftloop.drift.policy import Trigger
 from driftloop.settings import Settings
 
@@ -107,28 +107,46 @@ def test_a_running_retry_and_a_stopped_job():
 
 def test_submission_backoff_is_exponential_capped_and_never_gives_up():
     assert [jobs.backoff_s(n) for n in (1, 2, 3, 4)] == [2.0, 4.0, 8.0, 16.0]
-    assert jobs.backoff_s(50) == jobs.SUBMIT_BACKOFF_CAP_S
+    assert jobs.backoff_s(50) == job_sequences.SUBMIT_BACKOFF_CAP_S
     h = jobs.PathHealth()
     assert h.error()["error"] is None and h.due("submit", T0)
     for i in range(5):
         h.failed("submit", "Ray Jobs API at x: 500 No available agent", T0 + i)
     e = h.error()
     assert (e["error"], e["since"], e["attempts"]) == ("Ray Jobs API at x: 500 No available agent", T0, 5)
-    assert not h.due("submit", T0 + 5) and h.due("submit", T0 + 4 + jobs.SUBMIT_BACKOFF_CAP_S)
+    assert not h.due("submit", T0 + 5) and h.due("submit", T0 + 4 + job_sequences.SUBMIT_BACKOFF_CAP_S)
     assert h.submit_failures == 5
     h.ok("submit")
     assert h.error()["error"] is None and h.submit_failures == 5  # the counter only grows
 
 
-def test_no_credential_reaches_a_job(tmp_path: Path):
+def test_no_credential_reaches_a_job_a_replica_or_a_local_ray(tmp_path: Path, monkeypatch):
+    """One filter (driftloop.envs) for the three environments that leave this process."""
+    import yaml
+
+    from driftloop import envs
+    from driftloop.serving.deploy import prepare_config
+
     s = Settings(home=tmp_path, data_root=str(tmp_path / "t"), tracking_uri="postgresql://ml:hunter2@db/mlflow", ray_address=None)
-    env = jobs.job_env(s, {"DRIFTLOOP_POLL_S": "1", "DRIFTLOOP_ADMIN_TOKEN": "t", "MLFLOW_TRACKING_PASSWORD": "p",
-                           "MLFLOW_S3_SECRET_ACCESS_KEY": "k", "MLFLOW_TRACKING_USERNAME": "ml", "HOME": "/root",
-                           "DRIFTLOOP_X_URI": "https://u:pw@h/x"})
+    environ = {"DRIFTLOOP_POLL_S": "1", "DRIFTLOOP_ADMIN_TOKEN": "t", "MLFLOW_TRACKING_PASSWORD": "p",
+               "MLFLOW_S3_SECRET_ACCESS_KEY": "k", "MLFLOW_TRACKING_USERNAME": "ml", "HOME": "/root",
+               "DRIFTLOOP_X_URI": "https://u:pw@h/x", "DRIFTLOOP_ADMIN_TOKEN_FILE": "/run/secrets/admin"}
+    env = envs.shared_env(s, environ)
     assert env["DRIFTLOOP_POLL_S"] == "1" and env["MLFLOW_TRACKING_USERNAME"] == "ml" and "HOME" not in env
+    assert env["DRIFTLOOP_ADMIN_TOKEN_FILE"] == "/run/secrets/admin"  # a path to a secret may travel
     assert not any(k in env for k in ("DRIFTLOOP_ADMIN_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_S3_SECRET_ACCESS_KEY"))
     assert env["MLFLOW_TRACKING_URI"] == "postgresql://ml@db/mlflow" and env["DRIFTLOOP_X_URI"] == "https://u@h/x"
     assert "hunter2" not in str(env) and "pw@" not in str(env)
+    # the Serve config path uses the same filter
+    for k, v in environ.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("DRIFTLOOP_HOME", str(tmp_path))
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"applications": [{"name": "a", "route_prefix": "/a", "import_path": "driftloop.serving.app:build",
+                                                     "args": {"spec": "configs/digits.yaml"}}]}))
+    replica_env = prepare_config(cfg)["applications"][0]["runtime_env"]["env_vars"]
+    assert "DRIFTLOOP_ADMIN_TOKEN" not in replica_env and "MLFLOW_TRACKING_PASSWORD" not in replica_env
+    assert replica_env["DRIFTLOOP_ADMIN_TOKEN_FILE"] == "/run/secrets/admin" and replica_env["DRIFTLOOP_POLL_S"] == "1"
 
 
 def test_a_monitor_s_pending_record_becomes_its_trigger():

@@ -69,7 +69,7 @@ def issue(version: int = 1, rows: int = 1, age_s: float = 0.0) -> str:
 
 
 def feedback_rows(settings, spec, rid: str) -> int:
-    from driftloop.serving.logs import read_or_empty, uris
+    from driftloop.data.logs import read_or_empty, uris
 
     fb = read_or_empty(uris(settings, spec)["feedback"])
     return int((fb["request_id"] == rid).sum()) if len(fb) else 0
@@ -146,10 +146,10 @@ def test_forged_and_old_unknown_ids_are_answered_at_once(served):
 
 def test_the_inference_log_buffer_is_bounded_while_writes_fail(served, monkeypatch):
     """Defect 4: log_buffer grew without limit while Delta writes failed."""
-    import driftloop.serving.app as app
+    import driftloop.serving.stores as stores
 
     settings, spec = served
-    monkeypatch.setattr(app, "LOG_BUFFER_ROWS", 1_000)
+    monkeypatch.setattr(stores, "LOG_BUFFER_ROWS", 1_000)
     m = bare_monitor(settings, spec)
 
     def broken(uri, df):

@@ -12,6 +12,7 @@ import yaml
 
 from driftloop.cluster import LOCAL_CPUS
 from driftloop.errors import LoopError
+from driftloop.envs import shared_env
 from driftloop.settings import get_settings
 
 DASHBOARD = "http://127.0.0.1:8265"
@@ -61,11 +62,7 @@ def prepare_config(file: Path) -> dict:
         raise LoopError(f"{file}: no such Serve config")
     cfg = yaml.safe_load(file.read_text())
     s = get_settings().ensure()
-    env = {"DRIFTLOOP_HOME": str(s.home), "MLFLOW_TRACKING_URI": s.tracking_uri, "DRIFTLOOP_DATA_ROOT": s.data_root,
-           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    for k in ("DRIFTLOOP_ADMIN_TOKEN_FILE", "DRIFTLOOP_PREDICT_TOKEN_FILE", "DRIFTLOOP_POLL_S"):
-        if os.environ.get(k):
-            env[k] = os.environ[k]
+    env = shared_env(s)  # settings and token *files*, never a token or password: see driftloop.envs
     for app in cfg.get("applications", []):
         spec = (app.get("args") or {}).get("spec")
         if spec and not Path(spec).is_absolute() and Path(spec).is_file():

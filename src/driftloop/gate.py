@@ -1,0 +1,61 @@
+"""From a trained checkpoint to a gated model version: evaluate it, fit its drift detectors on reference rows it
+never trained on, register model + detectors as one version, and let the gate decide on the alias. The sweep, a
+retraining job and the backtest all end here, so a model version means the same thing whichever made it."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from driftloop.config import Spec
+from driftloop.data.tables import DataVersion
+from driftloop.settings import Settings
+
+
+def register_and_gate(spec: Spec, settings: Settings, dv: DataVersion, checkpoint_dir: Path, run_id: str,
+                    extra_tags: dict[str, str] | None = None, x_eval: np.ndarray | None = None,
+                    y_eval: np.ndarray | None = None, eval_label: str | None = None,
+                    reference=None, tail_rows: int | None = None) -> dict[str, Any]:
+    """From a trained checkpoint: evaluate, fit detectors on unseen reference rows, register, gate.
+
+    `reference` (a drift.reference.Reference) replaces the table's held-out splits as the detectors'
+    reference: a retrain for a new regime passes the newest served rows of that regime.
+    """
+    from driftloop import registry
+    from driftloop.drift.detectors import fit_detectors
+    from driftloop.drift.reference import Reference
+    from driftloop.model import Probabilities, accuracy, predict_proba
+    from driftloop.train import load_checkpoint_model, load_splits
+
+    classifier, hp, epoch = load_checkpoint_model(spec, checkpoint_dir)
+    splits = load_splits(spec, dv, tail_rows)
+    proba_model = Probabilities(classifier).eval()
+    metrics = {
+        "test_accuracy": accuracy(predict_proba(proba_model, splits.x_test), splits.y_test, spec.dataset.classes),
+        "val_accuracy": accuracy(predict_proba(proba_model, splits.x_val), splits.y_val, spec.dataset.classes),
+    }
+    c = registry.client(settings)
+    for k, v in metrics.items():
+        c.log_metric(run_id, k, v)
+    # The detectors' reference is data the model never trained on (by default validation + test), so that
+    # traffic like it looks like the reference to output-based tests such as BBSD.
+    recent_reference = reference is not None and reference.x is not None
+    if reference is None or reference.x is None:
+        why = f" ({reference.source})" if reference is not None else ""
+        reference = Reference(np.concatenate([splits.x_val, splits.x_test]), f"{dv.uri}@v{dv.version} validation + test splits{why}")
+    x_ref = reference.x
+    with tempfile.TemporaryDirectory() as tmp:
+        det_dir = fit_detectors(spec.drift, x_ref, predict_proba(proba_model, x_ref), spec.dataset.features,
+                                Path(tmp) / "detectors", seed=spec.dataset.seed)
+        tags = {"hparams": json.dumps(hp), "reference.source": reference.source[:250],
+                "reference.rows": str(min(len(x_ref), spec.drift.reference_rows)), **(extra_tags or {})}
+        bundle = registry.register_bundle(settings, spec, classifier, det_dir, dv, run_id, metrics, tags)
+    if x_eval is None:
+        x_eval, y_eval, eval_label = splits.x_test, splits.y_test, f"{dv.uri}@v{dv.version} test split"
+    decision = registry.gate_and_promote(settings, spec, bundle.version, x_eval, y_eval, eval_label, recent_reference)
+    return {"version": bundle.version, "promoted": decision.promote, "reason": decision.reason, "metrics": metrics,
+            "challenger_score": decision.challenger_score, "champion_score": decision.champion_score}

@@ -1,0 +1,229 @@
+"""The Predictor deployment, the application's HTTP ingress (FastAPI): auth, validation, batched inference on the
+champion, signed request ids, the hand-off of served rows to the monitor, and proxies for feedback, drift, admin."""
+
+import asyncio
+import os
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from driftloop.config import Spec
+from driftloop.serving import ids as request_ids
+from driftloop.serving.common import (ADMIN_TOKEN_ENV, FEEDBACK_BURST, FEEDBACK_RATE, FRESH_ID_S, HANDOFF_S,
+                                      HEALTH_CHECK_PERIOD_S, POLL_S, PREDICT_TOKEN_ENV, ChampionWatcher, _app_name,
+                                      _authorised, _error, _load_champion, _read_body, _token, log)
+from driftloop.serving.limits import Reservoir, TokenBuckets
+from driftloop.serving.validation import MAX_BODY_BYTES, InvalidInput, parse_feedback, parse_json, parse_rows, request_schema
+
+fastapi_app = FastAPI(title="driftloop", description="Predictions with drift monitoring, feedback and model lineage.")
+
+
+@serve.deployment(name="Predictor", num_replicas=2, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
+                  health_check_period_s=HEALTH_CHECK_PERIOD_S)
+@serve.ingress(fastapi_app)
+class Predictor:
+    """Validates, batches and answers predictions; hands every served row to the monitor off the hot path."""
+
+    MAX_BUFFER = 20_000
+
+    def __init__(self, monitor, spec: dict[str, Any], monitoring: bool = True, max_batch_rows: int = 256,
+                 feedback_rate: float | None = None, feedback_burst: float | None = None):
+        from driftloop.settings import get_settings
+
+        started = time.time()
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        self.spec = Spec.model_validate(spec)
+        self.settings = get_settings()
+        self.monitor = monitor
+        self.monitoring = monitoring
+        self.max_batch_rows = max_batch_rows
+        self.features = self.spec.dataset.features
+        self.classes = np.asarray(self.spec.dataset.classes)
+        self.watcher = ChampionWatcher(self.settings, self.spec.name)
+        v = self.watcher.champion()
+        if v is None:
+            raise RuntimeError(f"model {self.spec.name!r} has no champion yet: run `driftloop sweep` first")
+        model = _load_champion(self.settings, self.spec.name, v)
+        self.current = (model, v)
+        self._init_ingress(feedback_rate, feedback_burst)
+        self._tasks: list[asyncio.Task] = []
+        self.admin_token = _token(ADMIN_TOKEN_ENV)
+        self.predict_token = _token(PREDICT_TOKEN_ENV)
+        try:  # which replica answered: lets an operator (and the fault tests) see a replacement come into service
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:
+            self.replica = uuid.uuid4().hex[:8]
+        schema = fastapi_app.openapi()
+        for path, op in schema.get("paths", {}).items():
+            if path.endswith("/predict") and "post" in op:
+                op["post"]["requestBody"] = {"required": True, "content": {"application/json": {"schema": request_schema(self.features)}}}
+        fastapi_app.openapi_schema = schema
+        self.init_s = time.time() - started  # constructor time: registry lookup, download, model load
+
+    def _init_ingress(self, feedback_rate: float | None, feedback_burst: float | None) -> None:
+        """The hand-off sample, the request-id key (shared with the monitor) and the /feedback rate limit."""
+        self.sample = Reservoir(self.MAX_BUFFER)  # (id, ts, x row, proba row, version) of rows served since the last flush
+        self.id_secret = request_ids.app_secret(self.settings.state_dir, _app_name())
+        self.id_max_age_s = request_ids.max_age_s()
+        rate = FEEDBACK_RATE if feedback_rate is None else float(feedback_rate)
+        self.feedback_limits = TokenBuckets(rate, FEEDBACK_BURST if feedback_burst is None else float(feedback_burst))
+
+    def _ensure_tasks(self) -> None:
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._poll_alias()), loop.create_task(self._flush_loop())]
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check also starts the poll loops, so an app with no traffic yet still follows
+        the champion alias, new data and retraining jobs."""
+        self._ensure_tasks()
+
+    async def _poll_alias(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                v = await asyncio.to_thread(self.watcher.moved, self.current[1])
+                if v is not None:
+                    model = await asyncio.to_thread(_load_champion, self.settings, self.spec.name, v)
+                    self.current = (model, v)  # one assignment: in-flight batches keep the model they started with
+                    log.info("predictor for %s swapped to version %s", self.spec.name, v)
+            except Exception:  # a registry error is kept by the watcher (/healthz shows it); keep serving
+                log.exception("alias poll failed; still serving version %s", self.current[1])
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.002)
+    async def _infer(self, xs: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        import torch
+
+        model, version = self.current
+        sizes = [len(x) for x in xs]
+        with torch.no_grad():
+            proba = model(torch.from_numpy(np.concatenate(xs))).numpy()
+        out, i = [], 0
+        for n in sizes:
+            out.append((proba[i : i + n], version))
+            i += n
+        return out
+
+    def _hand_to_monitor(self, ids: list[str], x: np.ndarray, proba: np.ndarray, version: int) -> None:
+        """Offer served rows to the hand-off sample: past MAX_BUFFER rows per period it keeps a uniform sample
+        of all rows (reservoir), so a burst is monitored evenly, and counts the rest."""
+        if not self.monitoring:
+            return
+        now = time.time()
+        self.sample.offer([(rid, now, x[i], proba[i], version) for i, rid in enumerate(ids)])
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HANDOFF_S)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not len(self.sample):
+            return
+        rows, dropped = self.sample.drain()
+        by_version: dict[int, list] = {}
+        for row in rows:
+            by_version.setdefault(row[4], []).append(row)
+        for version, items in by_version.items():
+            batch = {"ids": [r[0] for r in items], "ts": [r[1] for r in items], "x": np.stack([r[2] for r in items]),
+                     "proba": np.stack([r[3] for r in items]), "version": version, "dropped": dropped}
+            dropped = 0
+            try:
+                await self.monitor.observe.remote(batch)
+            except Exception:
+                log.exception("monitor unavailable; %d rows not monitored", len(batch["ids"]))
+
+    # --- HTTP -----------------------------------------------------------------------------------------
+    @fastapi_app.post("/predict", summary="Predict one row or a batch of rows (named features)")
+    async def predict(self, request: Request):
+        self._ensure_tasks()
+        if self.predict_token is not None and not _authorised(request, self.predict_token):
+            return _error(401, "missing or wrong bearer token")
+        try:
+            x = parse_rows(parse_json(await _read_body(request, MAX_BODY_BYTES)), self.features, self.max_batch_rows)
+        except InvalidInput as err:
+            return _error(err.status, str(err))
+        proba, version = await self._infer(x)
+        rid = request_ids.issue(self.id_secret, version, len(x))
+        ids = request_ids.row_ids(rid, len(x))
+        self._hand_to_monitor(ids, x, proba, version)
+        preds = self.classes[proba.argmax(axis=1)]
+        rows = [{"id": i, "prediction": int(p), "probabilities": [round(float(q), 6) for q in pr]} for i, p, pr in zip(ids, preds, proba)]
+        return {"request_id": rid, "model": self.spec.name, "model_version": version, "predictions": rows}
+
+    @fastapi_app.post("/feedback", summary="Record the ground-truth label of a served row")
+    async def feedback(self, request: Request):
+        self._ensure_tasks()
+        client = request.client.host if request.client else "unknown"
+        if not self.feedback_limits.allow(client):
+            lim = self.feedback_limits
+            return _error(429, f"too many /feedback requests from {client}: at most {lim.rate:g}/s (burst {lim.burst:g}); "
+                               "retry later", {"Retry-After": "1"})
+        try:
+            rid, label = parse_feedback(parse_json(await _read_body(request, 10_000), 10_000), self.spec.dataset.classes)
+            issued = request_ids.verify(self.id_secret, rid, max_age=self.id_max_age_s)  # forged or expired: no lookup
+        except InvalidInput as err:
+            return _error(err.status, str(err))
+        if time.time() - issued.issued_at < FRESH_ID_S:
+            await self._flush()  # the row may still be in this replica's buffer
+        try:
+            res = await self.monitor.feedback.remote(rid, label)
+        except Exception as err:
+            log.error("feedback for %s not recorded: %s", rid, type(err).__name__)
+            return _error(503, "label not recorded (feedback store unavailable); retry later")
+        status = res.pop("status")
+        return JSONResponse(res, status_code=status)
+
+    @fastapi_app.get("/drift", summary="Drift monitor state: windows, detector results, policy, retraining")
+    async def drift(self):
+        self._ensure_tasks()
+        return await self.monitor.status.remote()
+
+    @fastapi_app.get("/healthz", summary="Liveness and the model version this replica serves")
+    async def healthz(self):
+        self._ensure_tasks()
+        return {"status": "ok", "model": self.spec.name, "model_version": self.current[1], "replica": self.replica,
+                "init_s": round(self.init_s, 3), "registry": self.watcher.error or {"ok": True}}
+
+    def _admin_denied(self, request: Request) -> JSONResponse | None:
+        """403 while no admin token is configured, 401 for a missing or wrong one, None when allowed."""
+        if self.admin_token is None:
+            return _error(403, f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV} (or {ADMIN_TOKEN_ENV}_FILE)")
+        if not _authorised(request, self.admin_token):
+            return _error(401, "missing or wrong bearer token")
+        return None
+
+    @fastapi_app.post("/admin/retrain", summary="Trigger retraining now (bearer token)")
+    async def admin_retrain(self, request: Request):
+        if (denied := self._admin_denied(request)) is not None:
+            return denied
+        return await self.monitor.trigger.remote("manual (HTTP)")
+
+    @fastapi_app.post("/admin/promote/{version}", summary="Move the champion alias to VERSION (bearer token)")
+    async def admin_promote(self, version: int, request: Request):
+        from driftloop import registry
+
+        if (denied := self._admin_denied(request)) is not None:
+            return denied
+        try:
+            await asyncio.to_thread(registry.promote, self.settings, self.spec.name, version, "manual (HTTP)")
+        except Exception as err:
+            return _error(404, f"cannot promote version {version}: {str(err).splitlines()[0]}")
+        return {"model": self.spec.name, "champion": version}
+
+    @fastapi_app.post("/admin/rollback", summary="Move the champion alias back to the previous champion (bearer token)")
+    async def admin_rollback(self, request: Request):
+        from driftloop import registry
+
+        if (denied := self._admin_denied(request)) is not None:
+            return denied
+        try:
+            v = await asyncio.to_thread(registry.rollback, self.settings, self.spec.name)
+        except Exception as err:
+            return _error(409, str(err).splitlines()[0])
+        return {"model": self.spec.name, "champion": v}
