@@ -46,7 +46,7 @@ class DriftMonitor(RowStores, MonitorState):
         self.feedback_count = 0
         self.dropped_reported = 0
         self.restored: list[dict] = []
-        self.retrain = None  # set lazily: the job tracker (driftloop.jobs.JobTracker)
+        self.job_tracker = None  # set lazily: the job tracker (driftloop.jobs.JobTracker)
         app_name = _app_name()  # one state file per Serve application: two apps of one model keep separate windows
         self.state_path = self.settings.state_dir / f"monitor-{app_name}-{self.name}.npz"
         self._init_feedback_state(app_name)
@@ -156,7 +156,7 @@ class DriftMonitor(RowStores, MonitorState):
                 except RetrainPathDown:
                     job = None  # /drift shows the error (since, attempts); the next poll asks again, after backoff
                 self._count_submit_failures()
-                if self.retrain.newly_final(job):
+                if self.job_tracker.newly_final(job):
                     if job["status"] == "SUCCEEDED" and not swapped:
                         self.core.retrained(time.time())  # refused challenger: count afresh, back off benign drift
                     self._dirty = True
@@ -264,11 +264,11 @@ class DriftMonitor(RowStores, MonitorState):
 
     def _tracker(self):
         """The job tracker, made on first use: it reads the Jobs API, so it holds no state a restart could lose."""
-        if self.retrain is None:
+        if self.job_tracker is None:
             from driftloop.jobs import JobTracker
 
-            self.retrain = JobTracker(self.spec, self.settings)
-        return self.retrain
+            self.job_tracker = JobTracker(self.spec, self.settings)
+        return self.job_tracker
 
     def _count_submit_failures(self) -> None:
         """Add the tracker's new refused submissions to the Prometheus counter (from the event loop, not a thread)."""
