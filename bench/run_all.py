@@ -30,7 +30,7 @@ def main() -> int:
         results |= {k: v for k, v in kept.items() if k not in only and k not in ("machine", "started")}
         results["started"] = kept.get("started", results["started"])
         results["rerun"] = kept.get("rerun", {})
-    for name in ("detection", "footprint", "serving", "training", "loop"):
+    for name in ("detection", "footprint", "serving", "training", "loop", "backtest"):
         if only and name not in only:
             continue
         t = time.perf_counter()
@@ -184,10 +184,45 @@ def render(r: dict) -> str:
         out += ["", "| onset -> swap, by stage | seconds |", "|---|---|"]
         out += [f"| {k} | {v:.1f} |" for k, v in lp.get("onset_to_swap_by_stage_s", {}).items()]
         out += ["", "Target: <= 120 s onset to swap. The figure includes waiting for 600 labelled drifted rows (min_labelled_rows) at the replay's pace.", ""]
-    for name in ("serving", "detection", "footprint", "training", "loop"):
+    out += _render_backtest(r.get("backtest"))
+    for name in ("serving", "detection", "footprint", "training", "loop", "backtest"):
         if name in r and "error" in r[name]:
             out += [f"**{name} failed:** {r[name]['error']}", ""]
     return "\n".join(out)
+
+
+def _render_backtest(bt: dict | None) -> list[str]:
+    if not bt or "rainfall" not in bt:
+        return []
+    out = ["## The loop on real streams (`driftloop backtest`)", ""]
+    for key, title in (("digits_phases", "Digits: clean 1,000 -> noise:3 3,000 -> clean 1,000 -> blur:3 3,000, labels at once"),
+                       ("rainfall", "Rainfall: 20 years train the first champion, the next 30 are replayed (365-row blocks)")):
+        b = bt[key]
+        out += [f"{title} ({b['rows']} rows, backtest {b['wall_s']:.0f} s):", "",
+                "| strategy | prequential accuracy | retrains | promoted | labels used | retraining s |", "|---|---|---|---|---|---|"]
+        for name, e in b["strategies"].items():
+            out.append(f"| {name} | {e['accuracy']:.4f} | {e['retrains']} | {e['promoted']} | {e['labels_used']} | {e['retrain_seconds']:.0f} |")
+        out.append("")
+        for name, e in b["strategies"].items():
+            for ph, v in (e.get("phases") or {}).items():
+                if name == "driftloop":
+                    after = "-" if v["accuracy_after_swap"] is None else f"{v['accuracy_after_swap']:.3f}"
+                    out.append(f"- {name}, phase {ph}: {v['retrains']} retrain(s), accuracy {v['accuracy']:.3f}, after its swap {after}; "
+                               f"{v['flagged_after_swap']} of {v['windows_after_swap']} later windows flagged")
+        out.append("")
+    t = bt["rainfall"]["target"]
+    out += [f"Rainfall target (driftloop >= periodic - 0.005 with <= half its retrains, and above static): accuracy minus periodic "
+            f"{t['accuracy_minus_periodic']:+.4f} ({'met' if t['accuracy_ge_periodic_minus_0.005'] else 'missed'}); retrains <= half: "
+            f"{'met' if t['retrains_le_half_periodic'] else 'missed'}; above static: {'met' if t['above_static'] else 'missed'}.", ""]
+    lv = bt.get("rainfall_live") or {}
+    if "error" in lv:
+        out += [f"Live rainfall replay over HTTP: **failed** ({lv['error']}).", ""]
+    elif lv:
+        out += [f"Live: the same 30 years through the served app over HTTP with labels, block by block ({lv['rows']} rows, "
+                f"{lv['wall_s']:.0f} s): {lv['retrain_jobs']} retraining jobs ({lv['succeeded']} succeeded) against the "
+                f"backtest's {lv['backtest_retrains']}: difference {lv['difference']:+d} "
+                f"({'within' if lv['within_1'] else 'outside'} the ±1 target).", ""]
+    return out
 
 
 if __name__ == "__main__":

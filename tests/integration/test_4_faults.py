@@ -276,6 +276,11 @@ def test_mlflow_down_during_retraining_fails_cleanly_and_is_retried(settings, tr
         serve.run(Predictor.options(ray_actor_options=opts).bind(DriftMonitor.options(ray_actor_options=opts).bind(d), d, True, 256),
                   name="faultsE", route_prefix="/faultsE")
         app = f"{serve_url}/faultsE"
+        # labelled production rows for the job to commit as a data version before it trains (defect 6: a retry
+        # must reuse that version, not add the rows twice)
+        fed = send(serve_url, "faultsE", examples.digits_stream(examples.builtin("digits").pool, 60, None, seed=77), labels=True)
+        assert fed.failed == 0
+        time.sleep(2 * float(os.environ.get("DRIFTLOOP_LOG_FLUSH_S", "2.0")) + 1)  # the inference log's group commit
         tracker = JobTracker(spec, http_settings)  # its generation comes from the Jobs API: ids of its own
         sid = tracker.submit(Trigger("mlflow outage test", time.time(), champion), None)["job"]["submission_id"]
         c = registry.client(settings)  # the store itself, to watch the job without the server
@@ -316,6 +321,11 @@ def test_mlflow_down_during_retraining_fails_cleanly_and_is_retried(settings, tr
         assert job["status"] == "SUCCEEDED" and job["attempt"] >= 1
         stale = c.search_runs([exp], f"tags.`lineage.job_id` = '{sid}'")[0]
         assert stale.info.status == "FAILED", "the first attempt's run is closed by the retry"
+        from deltalake import DeltaTable
+
+        commits = [h for h in DeltaTable(settings.table_uri("digits")).history() if h.get("trigger_id") == sid]
+        print("data versions committed for the trigger:", [h["version"] for h in commits])
+        assert len(commits) == 1, "the retry reused the failed attempt's data version"
         new_champion = registry.champion_version(settings, "digits")
         wait_for(lambda: httpx.get(f"{app}/healthz", timeout=10).json()["model_version"] == new_champion, 60,
                  what="the app to follow the alias")
