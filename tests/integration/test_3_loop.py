@@ -87,14 +87,17 @@ def test_drift_triggers_one_job_that_promotes_and_swaps(settings, trained, serve
     try:
         seed, new_version = 300, None
         deadline = time.monotonic() + 420
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # drifted labelled traffic until the monitor has submitted a job ...
             chunk = examples.digits_stream(pool, 250, onset=0, kind="noise", severity=3, seed=seed)
             seed += 1
             r = asyncio.run(replay_async(serve_url, "loop", chunk, F, "digit", rps=0, labels=True, concurrency=8))
             assert r.failed == 0
-            if any(v != champion for v in r.versions):
-                new_version = max(r.versions)
+            job = httpx.get(f"{app}/drift", timeout=30).json()["retraining"]["current"]
+            if job and job["submission_id"] not in before:
                 break
+        # ... then quiet, so the job has the CPUs (2 here), until the new version answers
+        new_version = wait_for(lambda: (v := httpx.get(f"{app}/healthz", timeout=30).json()["model_version"]) != champion and v,
+                               max(30.0, deadline - time.monotonic()), every=1, what="the new champion to answer")
         st = httpx.get(f"{app}/drift", timeout=30).json()
         assert new_version is not None, st["retraining"]
         jobs = [j for j in retrain_jobs(ray_cluster["dashboard"], "digits") if j.submission_id not in before]
