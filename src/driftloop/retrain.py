@@ -51,6 +51,28 @@ def _version_of_trigger(uri: str, trigger_id: str) -> dict | None:
     return max(hits, key=lambda h: int(h["version"])) if hits else None
 
 
+def with_time_column(rows, uri: str, spec: Spec):
+    """Production rows carry no value for the spec's time column (a request names features only): give them the
+    time they were served, on the table's own timeline. A datetime column gets the serving time itself; a numeric
+    one (e.g. rainfall's day index) continues after the table's last value, in serving order."""
+    import pandas as pd
+
+    from driftloop.data import tables
+
+    tc = spec.dataset.time_column
+    if not tc or tc in rows.columns:
+        return rows
+    current = tables.read(uri, columns=[tc])[tc]
+    rows = rows.copy()
+    if pd.api.types.is_datetime64_any_dtype(current):
+        served = pd.to_datetime(rows["ts"].to_numpy(), unit="s", utc=True)
+        rows[tc] = served if getattr(current.dt, "tz", None) is not None else served.tz_localize(None)
+    else:
+        last = current.max() if len(current) else 0
+        rows[tc] = last + 1 + rows["ts"].rank(method="first").to_numpy().astype(np.int64) - 1
+    return rows
+
+
 def reference_min_rows(spec: Spec) -> int:
     """Fewest recent rows a reference may hold: half a window (two-sample tests stay valid with unequal sizes)."""
     return max(spec.drift.window // 2, 50)
@@ -109,8 +131,9 @@ def run_retrain(spec: Spec, settings: Settings, job_id: str, reason: str, drift_
         n_eval = int(round(n * spec.retraining.eval_fraction)) if n else 0
         train_rows, eval_rows = labelled.iloc[: n - n_eval], labelled.iloc[n - n_eval :]
         version = None
-        if len(train_rows):
+        if len(train_rows) >= spec.dataset.min_rows:  # fewer wait for the next retrain (the watermark stays)
             upto = float(train_rows["feedback_ts"].max())
+            train_rows = with_time_column(train_rows, uri, spec)
             version = ingest_frame(train_rows, uri, spec.dataset, f"production:{job_id}",
                                    {"production_upto": str(upto), "production_from": str(mark), "job_id": job_id,
                                     "trigger_id": base_id, "drift_event": drift_event or ""})
