@@ -116,19 +116,18 @@ def _settle(url: str, settings, name: str, labelled: int, timeout_s: float = 600
 
     from driftloop import registry
 
+    def busy(st: dict) -> bool:
+        job = (st.get("retraining") or {}).get("current")
+        return st["feedback"] < labelled or bool(st["state"]["pending_submit"]) or bool(job and not job["final"])
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        st = httpx.get(f"{url}/rainlive/drift", timeout=30).json()
-        job = (st.get("retraining") or {}).get("current")
-        busy = st["feedback"] < labelled or st["state"]["pending_submit"] or (job and not job["final"])
-        if not busy:
+        if not busy(httpx.get(f"{url}/rainlive/drift", timeout=30).json()):
             time.sleep(2.5)  # a trigger from the last labels reaches the Jobs API within a poll
             st = httpx.get(f"{url}/rainlive/drift", timeout=30).json()
-            job = (st.get("retraining") or {}).get("current")
             champion = registry.champion_version(settings, name)
             served = {httpx.get(f"{url}/rainlive/healthz", timeout=30).json()["model_version"] for _ in range(6)}
-            if not st["state"]["pending_submit"] and not (job and not job["final"]) and served == {champion} \
-                    and st["model_version"] == champion:
+            if not busy(st) and served == {champion} and st["model_version"] == champion:
                 return
         time.sleep(1.0)
     raise TimeoutError(f"the live loop did not settle within {timeout_s:.0f} s after {labelled} labelled rows")

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from driftloop.config import Spec, SpecError
 from driftloop.data import tables
 from driftloop.data.tables import DataVersion

@@ -132,10 +132,10 @@ def fault_app(settings, trained, session_home, serve_url):
     run_sweep(spec, settings, verbose=0)
     # the served spec names a table that was never ingested (its logs are named after it, so the tests read them
     # through this spec): every retraining job fails at once, for real, and the champion stays
-    served = load_spec(write_spec(session_home / "digitsfault-served.yaml",
-                                  **{**overrides, "dataset.table": "digitsfault-never-ingested"}))
-    serve.run(build({"spec": str(session_home / "digitsfault-served.yaml")}), name="faultsB", route_prefix="/faultsB")
-    yield served, f"{serve_url}/faultsB"
+    served_path = write_spec(session_home / "digitsfault-served.yaml",
+                             **{**overrides, "dataset.table": "digitsfault-never-ingested"})
+    serve.run(build({"spec": str(served_path)}), name="faultsB", route_prefix="/faultsB")
+    yield load_spec(served_path), f"{serve_url}/faultsB"
     serve.delete("faultsB")
 
 

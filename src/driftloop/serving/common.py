@@ -1,6 +1,7 @@
 """What the Serve deployments of an application share: settings read from the environment, bearer tokens, one-line
 errors, the request body limit, loading a champion, and the champion watcher both deployments poll."""
 
+import asyncio
 import hmac
 import logging
 import os
@@ -92,6 +93,21 @@ def _load_champion(settings, name: str, version: int):
         return registry.load_model(path)
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+class PollLoops:
+    """The background loops of a deployment replica (`_poll_alias` and `_flush_loop`, defined by the class), started
+    on the first request or the first health check, whichever comes first."""
+
+    def _ensure_tasks(self) -> None:
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._poll_alias()), loop.create_task(self._flush_loop())]
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check also starts the poll loops, so an app with no traffic yet still follows
+        the champion alias, new data and retraining jobs."""
+        self._ensure_tasks()
 
 
 class ChampionWatcher:

@@ -15,7 +15,7 @@ from ray import serve
 from driftloop.config import Spec
 from driftloop.serving import ids as request_ids
 from driftloop.serving.common import (ADMIN_TOKEN_ENV, FEEDBACK_BURST, FEEDBACK_RATE, FRESH_ID_S, HANDOFF_S,
-                                      HEALTH_CHECK_PERIOD_S, POLL_S, PREDICT_TOKEN_ENV, ChampionWatcher, _app_name,
+                                      HEALTH_CHECK_PERIOD_S, POLL_S, PREDICT_TOKEN_ENV, ChampionWatcher, PollLoops, _app_name,
                                       _authorised, _error, _load_champion, _read_body, _token, log)
 from driftloop.serving.limits import Reservoir, TokenBuckets
 from driftloop.serving.validation import MAX_BODY_BYTES, InvalidInput, parse_feedback, parse_json, parse_rows, request_schema
@@ -26,7 +26,7 @@ fastapi_app = FastAPI(title="driftloop", description="Predictions with drift mon
 @serve.deployment(name="Predictor", num_replicas=2, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
                   health_check_period_s=HEALTH_CHECK_PERIOD_S)
 @serve.ingress(fastapi_app)
-class Predictor:
+class Predictor(PollLoops):
     """Validates, batches and answers predictions; hands every served row to the monitor off the hot path."""
 
     MAX_BUFFER = 20_000
@@ -72,16 +72,6 @@ class Predictor:
         self.id_max_age_s = request_ids.max_age_s()
         rate = FEEDBACK_RATE if feedback_rate is None else float(feedback_rate)
         self.feedback_limits = TokenBuckets(rate, FEEDBACK_BURST if feedback_burst is None else float(feedback_burst))
-
-    def _ensure_tasks(self) -> None:
-        if not self._tasks:
-            loop = asyncio.get_running_loop()
-            self._tasks = [loop.create_task(self._poll_alias()), loop.create_task(self._flush_loop())]
-
-    async def check_health(self) -> None:
-        """Serve's periodic health check also starts the poll loops, so an app with no traffic yet still follows
-        the champion alias, new data and retraining jobs."""
-        self._ensure_tasks()
 
     async def _poll_alias(self) -> None:
         while True:

@@ -13,7 +13,8 @@ from ray import serve
 
 from driftloop.config import Spec
 from driftloop.drift.core import MonitorCore
-from driftloop.serving.common import HEALTH_CHECK_PERIOD_S, KNOWN_IDS, LOG_FLUSH_S, NEW_DATA_CHECK_S, POLL_S, ChampionWatcher, _app_name, log
+from driftloop.serving.common import (HEALTH_CHECK_PERIOD_S, KNOWN_IDS, LOG_FLUSH_S, NEW_DATA_CHECK_S, POLL_S, ChampionWatcher,
+                                      PollLoops, _app_name, log)
 from driftloop.serving.limits import BoundedMap
 from driftloop.serving.monitor_state import MonitorState
 from driftloop.serving.stores import RowStores
@@ -21,7 +22,7 @@ from driftloop.serving.stores import RowStores
 
 @serve.deployment(name="DriftMonitor", num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256,
                   health_check_period_s=HEALTH_CHECK_PERIOD_S)
-class DriftMonitor(RowStores, MonitorState):
+class DriftMonitor(RowStores, MonitorState, PollLoops):
     """Owns the drift windows of one application: detectors from the champion, inference log, feedback,
     drift events, metrics, and the retraining policy."""
 
@@ -79,16 +80,6 @@ class DriftMonitor(RowStores, MonitorState):
         self._restore_history()
         self._restore_state()
         self.init_s = time.time() - self.replica_started_at  # constructor time: detectors loaded, state restored
-
-    def _ensure_tasks(self) -> None:
-        if not self._tasks:
-            loop = asyncio.get_running_loop()
-            self._tasks = [loop.create_task(self._poll_alias()), loop.create_task(self._flush_loop())]
-
-    async def check_health(self) -> None:
-        """Serve's periodic health check also starts the poll loops, so an app with no traffic yet still follows
-        the champion alias, new data and retraining jobs."""
-        self._ensure_tasks()
 
     def _load_new_champion(self):
         """(version, windowed detectors, manifest) when the alias moved, else None; no lock held while downloading.
