@@ -49,8 +49,122 @@ def main() -> int:
     add_ratios(results)
     (HERE / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (HERE / "results.md").write_text(render(results))
+    write_headline(HERE.parent / "README.md", results)
     print((HERE / "results.md").read_text())
     return 0
+
+
+HEAD_START, HEAD_END = "<!-- bench:headline (written by make bench; do not edit) -->", "<!-- /bench:headline -->"
+
+
+def write_headline(readme: Path, r: dict) -> None:
+    """Replace the README's headline table (between the markers) with one generated from these results."""
+    text = readme.read_text()
+    if HEAD_START not in text or HEAD_END not in text:
+        print(f"warning: {readme} has no headline markers; headline not written", file=sys.stderr)
+        return
+    before, rest = text.split(HEAD_START, 1)
+    after = rest.split(HEAD_END, 1)[1]
+    readme.write_text(before + HEAD_START + "\n" + "\n".join(headline(r)) + "\n" + HEAD_END + after)
+
+
+def _rate(k: int, n: int) -> str:
+    lo, hi = common.wilson(k, n)
+    return f"{k}/{n} = {100 * k / n:.1f} % (95 % CI {100 * lo:.1f}–{100 * hi:.1f} %)" if n else "no windows"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "**missed**")
+
+
+def headline(r: dict) -> list[str]:
+    """The README's headline: every figure from results.json, beside its baseline or target, with a verdict."""
+    m = r.get("machine") or {}
+    rerun = r.get("rerun") or {}
+    lines = [f"Run {r.get('started')} on {m.get('cpus')} CPUs, {m.get('memory_gib')} GiB"
+             + (" (partial rerun: " + ", ".join(f"{k} at {v}" for k, v in rerun.items()) + "; the other sections are from the run above)"
+                if rerun else "") + ".", "",
+             "| what | measured | baseline or target | verdict |", "|---|---|---|---|"]
+    row = lambda what, measured, target, ok: lines.append(f"| {what} | {measured} | {target} | {_verdict(ok)} |")  # noqa: E731
+    dt = r.get("detection") or {}
+    if "target" in dt:
+        t = dt["target"]
+        d0 = dt["digits"][t["default_detectors"][0]]
+        sev3 = [c for c in d0 if c.endswith((":3", ":4", ":5"))]
+        row(f"detection, shipped set ({' + '.join(t['default_detectors'])}), onset on a window boundary",
+            f"severity >= 3: {len(sev3)} corruption:severity cells, each flagged within one window in "
+            + ", ".join(sorted({d0[c]['detected'] for c in sev3})) + " streams", "within one window (500 rows)",
+            t["every_severity_ge3_within_one_window"])
+        comb = dt.get("false_alarms_combined")
+        if comb:
+            row("false alarms, shipped set (OR, as the monitor flags), exchangeable clean windows",
+                _rate(comb["flagged"], comb["windows"]), "<= 1 %", comb["rate"] <= 0.01)
+        ro = dt.get("delay_random_onset") or {}
+        for col in [c for c in ro if c.startswith("noise:3")][:1] or list(ro)[:1]:
+            v = ro[col]
+            row(f"delay, onset at a random offset in a window ({col})",
+                f"median {v['median_rows']:.0f} rows, p90 {v['p90_rows']:.0f} rows ({v['detected']} detected)"
+                if v["median_rows"] is not None else f"not detected ({v['detected']})", "within one window after the onset's window", None)
+    lp = (r.get("loop") or {}).get("summary")
+    if lp and lp.get("seconds_onset_to_swap"):
+        row("onset -> new champion answering (`demo --quick`)", f"{lp['seconds_onset_to_swap']:.1f} s; drifted accuracy "
+            f"{lp['accuracy_drifted_before']:.3f} -> {lp['accuracy_drifted_after']:.3f}, {lp['failed_requests']} failed requests",
+            "<= 120 s", lp["seconds_onset_to_swap"] <= 120)
+    sv = r.get("serving") or {}
+    for c in sv.get("cells", []):
+        if c["connections"] == 16:
+            row(f"serving, monitored / monitor off, batch {c['batch']}, 16 conns",
+                f"{c['a_monitored']['rps']:.0f} vs {c['b_monitoring_off']['rps']:.0f} req/s = {c['throughput_ratio_a_over_b']:.2f}",
+                ">= 0.95", c["throughput_ratio_a_over_b"] >= 0.95)
+            row(f"serving, driftloop (Serve proxy, shipped) / plain FastAPI, batch {c['batch']}, 16 conns",
+                f"{c['a_monitored']['rps']:.0f} vs {c['c_plain_fastapi']['rps']:.0f} req/s = {c['throughput_ratio_a_over_c']:.2f}",
+                ">= 1.0", c["throughput_ratio_a_over_c"] >= 1.0)
+            if "e_monitored_direct" in c:
+                row(f"serving, driftloop through direct ingress (opt-in) / plain FastAPI, batch {c['batch']}, 16 conns",
+                    f"{c['e_monitored_direct']['rps']:.0f} vs {c['c_plain_fastapi']['rps']:.0f} req/s = "
+                    f"{c['throughput_ratio_e_over_c']:.2f}", ">= 1.0", c["throughput_ratio_e_over_c"] >= 1.0)
+    fp = r.get("footprint") or {}
+    if "help_s_median" in fp:
+        row("`driftloop --help`", f"{fp['help_s_median']:.2f} s", "<= 2 s", fp["help_s_median"] <= 2)
+        row("whole app cold start (Predictor + DriftMonitor RUNNING)", f"{fp['app_cold_start_s']:.1f} s", "<= 10 s",
+            fp["app_cold_start_s"] <= 10)
+        if "replica_cold_start_s" in fp:
+            row("Predictor replica killed -> replacement answering", f"{fp['replica_cold_start_s']:.1f} s "
+                f"(constructor {fp['replica_init_s']:.1f} s)", "<= 10 s", fp["replica_cold_start_s"] <= 10)
+        for actor, mib in fp["rss_mib"].items():
+            row(f"resident memory, {actor}", f"{mib:.0f} MiB", "<= 600 MB" if actor == "Predictor" else "Predictor's 600 MB",
+                mib * 1.048576 <= 600)
+    tr = r.get("training") or {}
+    if "runs" in tr:
+        row(f"training, {tr['epochs']} epochs, 2 workers vs 1", f"{tr['runs']['2_workers']['wall_s']:.1f} s vs "
+            f"{tr['runs']['1_workers']['wall_s']:.1f} s ({tr['speedup_ratio_2_over_1_workers']:.2f}x)", "1 worker", None)
+    bt = r.get("backtest") or {}
+    if "rainfall" in bt and "strategies" in bt["rainfall"]:
+        st = bt["rainfall"]["strategies"]
+        d, p, s0 = st["driftloop"], st["periodic:365"], st["static"]
+        t = bt["rainfall"]["target"]
+        row("rainfall backtest, prequential accuracy (retrains)", f"driftloop {d['accuracy']:.4f} ({d['retrains']})",
+            f"periodic:365 {p['accuracy']:.4f} ({p['retrains']}), static {s0['accuracy']:.4f}; >= periodic - 0.005 with <= half its retrains",
+            t["accuracy_ge_periodic_minus_0.005"] and t["retrains_le_half_periodic"] and t["above_static"])
+    lv = bt.get("rainfall_live") or {}
+    if lv:
+        row("rainfall live over HTTP: retraining jobs", f"failed: {lv['error']}" if "error" in lv else f"{lv['retrain_jobs']} "
+            f"({lv['succeeded']} succeeded) over {lv['rows']} rows", f"backtest's {lv.get('backtest_retrains', '?')} ± 1",
+            False if "error" in lv else lv["within_1"])
+    dp = bt.get("digits_phases") or {}
+    if "strategies" in dp:
+        e = dp["strategies"]["driftloop"]
+        for ph, v in (e.get("phases") or {}).items():
+            if not ph.startswith("clean"):
+                acc = v.get("accuracy_after_swap")
+                flagged, windows = v["flagged_after_swap"], v["windows_after_swap"]
+                row(f"digits phases, {ph}: after its swap", f"accuracy {'-' if acc is None else f'{acc:.3f}'}; {flagged} of {windows} "
+                    f"later windows flagged; {v['retrains']} retrain(s)", ">= 0.85; <= 10 % flagged; <= 1 retrain",
+                    acc is not None and acc >= 0.85 and flagged <= 0.1 * windows and v["retrains"] <= 1)
+    for name, sec in r.items():
+        if isinstance(sec, dict) and "error" in sec:
+            row(f"{name} section", f"failed: {sec['error']}", "runs", False)
+    return lines
 
 
 def add_ratios(r: dict) -> None:

@@ -50,6 +50,6 @@ def run() -> dict:
         print(f"sweep {trials} trials c{conc}: {sweeps[f'{trials}_trials_c{conc}']['wall_s']:.1f}s", flush=True)
     ray.shutdown()
     return {"epochs": EPOCHS, "ray_start_s": ray_start, "runs": runs, "sweeps": sweeps,
-            "note": "per run: ~20 s to start the worker group (actors, gloo process group, torch import), ~1.5 s per "
-                    "checkpointed report; the MLP's compute per epoch is well under 0.1 s; sweep wall time includes "
-                    "registering the best model (log_model + detectors ~10 s)"}
+            "note": "a run's wall time includes starting its worker group (actors, gloo process group, torch import) and "
+                    "one checkpointed report per epoch, which dominate a tiny MLP's compute; a sweep's includes "
+                    "registering the best model (log_model and its detectors)"}

@@ -29,6 +29,11 @@ def ensure_ray(settings: Settings, namespace: str = "driftloop") -> None:
         # and a job's runtime env cannot be merged with another one.
         ray.init(address=settings.ray_address, namespace=namespace, log_to_driver=False)
         return
+    running = running_local_cluster()
+    if running:
+        # a local head that `driftloop serve` (or `ray start`) left running: join it, as Ray itself would
+        ray.init(address=running, namespace=namespace, runtime_env=runtime_env, log_to_driver=False)
+        return
     with any_agent_port():
         ray.init(
             num_cpus=max(LOCAL_CPUS, os.cpu_count() or 1),
@@ -40,6 +45,21 @@ def ensure_ray(settings: Settings, namespace: str = "driftloop") -> None:
             log_to_driver=False,
             configure_logging=False,
         )
+
+
+def running_local_cluster() -> str | None:
+    """The GCS address of the local cluster the last `ray start` on this machine started, if it still runs."""
+    from ray._private.services import canonicalize_bootstrap_address, find_gcs_addresses
+
+    try:
+        addr = canonicalize_bootstrap_address(None)
+    except Exception:
+        return None
+    if not addr:
+        return None
+    port = addr.rsplit(":", 1)[-1]
+    alive = {a.rsplit(":", 1)[-1] for a in find_gcs_addresses()}
+    return addr if port in alive else None  # a stale address file of a cluster that is gone: start our own
 
 
 @contextmanager

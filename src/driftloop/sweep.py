@@ -4,6 +4,7 @@ sweep and one child run per trial; the best model is registered once with its de
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +151,11 @@ def run_sweep(spec: Spec, settings: Settings, data_version: int | None = None, v
     parent = c.create_run(exp_id, run_name=sweep_name, tags={"driftloop.kind": "sweep", **(extra_tags or {})})
     pid = parent.info.run_id
     c.log_dict(pid, spec.model_dump(mode="json"), "spec.json")
-    for k, v in {"trials": spec.sweep.trials, "concurrency": spec.sweep.concurrency, "search": spec.sweep.search,
+    trials = spec.sweep.trials if spec.sweep.search_space else 1
+    if trials < spec.sweep.trials:  # every trial would train the same model with the same seed
+        print(f"{spec.name}: the spec has no sweep.search_space, so the sweep runs 1 trial instead of {spec.sweep.trials} "
+              "(add a search_space to search)", file=sys.stderr, flush=True)
+    for k, v in {"trials": trials, "concurrency": spec.sweep.concurrency, "search": spec.sweep.search,
                  "scheduler": spec.sweep.scheduler, "workers_per_trial": spec.training.workers}.items():
         c.log_param(pid, k, v)
     if (commit := registry.git_commit()):
@@ -174,7 +179,7 @@ def run_sweep(spec: Spec, settings: Settings, data_version: int | None = None, v
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial, job=job), {"CPU": 0.01}),
         param_space=search_space(spec),
-        tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, num_samples=sw.trials, search_alg=searcher,
+        tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, num_samples=trials, search_alg=searcher,
                                     scheduler=scheduler, max_concurrent_trials=sw.concurrency),
         run_config=tune.RunConfig(name=sweep_name, storage_path=storage, verbose=verbose,
                                   callbacks=[_mlflow_callback(settings, pid, exp_id, spec, dv, sample)]),

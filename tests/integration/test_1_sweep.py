@@ -154,15 +154,18 @@ def test_rainfall_first_20_years_against_an_mlflow_server(ray_cluster, session_h
 
 
 def test_sweep_as_a_ray_job(trained, ray_cluster, tmp_path):
-    """`ray job submit --working-dir . -- python jobs/sweep.py --config …` on the running head node."""
-    spec = write_spec(tmp_path / "tiny.yaml", **{"name": "digitsjob", "sweep.trials": 2, "training.epochs": 2, "sweep.grace_period": 1})
+    """`ray job submit --working-dir . -- python jobs/sweep.py --config …` on the running head node. The spec has
+    no search space, so its 4 trials would all train the same model: the sweep runs one and says so."""
+    spec = write_spec(tmp_path / "tiny.yaml", **{"name": "digitsjob", "sweep.trials": 4, "sweep.search_space": {},
+                                                  "training.epochs": 2, "sweep.grace_period": 1})
     ray_bin = str(Path(sys.executable).with_name("ray"))
     r = subprocess.run([ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", ".",
                         "--", sys.executable, "jobs/sweep.py", "--config", str(spec), "--json"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     out = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("{") and '"trials"' in ln))
-    assert out["trials"] == 2 and out["model"] == "digitsjob" and out["version"] == 1 and out["promoted"]
+    assert out["trials"] == 1 and out["model"] == "digitsjob" and out["version"] == 1 and out["promoted"]
+    assert "no sweep.search_space, so the sweep runs 1 trial instead of 4" in r.stdout + r.stderr
 
 
 def test_training_survives_a_worker_failure(trained, settings, tmp_path):

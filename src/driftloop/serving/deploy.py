@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -76,13 +77,52 @@ def prepare_config(file: Path) -> dict:
     return cfg
 
 
+def check_champions(cfg: dict) -> None:
+    """Refuse, before anything is deployed, an application whose model has no champion (or whose registry
+    cannot be read): its replicas would only fail to start, with the cause buried in a replica log."""
+    from driftloop import registry
+    from driftloop.config import load_spec
+
+    s = get_settings().ensure()
+    for app in cfg.get("applications", []):
+        spec = (app.get("args") or {}).get("spec")
+        if not isinstance(spec, str):
+            continue  # an inline spec (dict) is checked by the replica itself
+        name = load_spec(spec).name
+        if registry.champion_version(s, name) is None:  # RegistryUnavailable (a LoopError) says why it cannot tell
+            raise LoopError(f"model {name!r} has no champion yet: run `driftloop sweep {spec}` first; nothing deployed")
+
+
+def _redeploy_failed(client, cfg: dict) -> None:
+    """Serve treats an unchanged config as a no-op, so an application that failed before (e.g. no champion then)
+    would stay DEPLOY_FAILED: give each such application a fresh deployment stamp so that it is deployed again."""
+    apps = (client.get_serve_details() or {}).get("applications", {})
+    for app in cfg.get("applications", []):
+        if apps.get(app["name"], {}).get("status") == "DEPLOY_FAILED":
+            app.setdefault("runtime_env", {}).setdefault("env_vars", {})["DRIFTLOOP_DEPLOYED_AT"] = str(time.time())
+
+
+def _replica_error(app: dict) -> str:
+    """The failing deployment's own error (the replica's exception), else the application's message."""
+    for dep in (app.get("deployments") or {}).values():
+        msg = (dep.get("message") or "").strip()
+        if dep.get("status") in ("DEPLOY_FAILED", "UNHEALTHY") and msg:
+            lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+            errs = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Unavailable): ", ln)]
+            return (errs or lines)[-1]
+    msg = (app.get("message") or "").strip()
+    return msg.splitlines()[-1] if msg else "see the Serve logs"
+
+
 def deploy_file(file: Path, wait_s: float = 300) -> dict[str, str]:
     """Deploy every application of a Serve config and wait until they are RUNNING."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     cfg = prepare_config(Path(file))
+    check_champions(cfg)
     address = ensure_head()
     client = ServeSubmissionClient(address)
+    _redeploy_failed(client, cfg)
     client.deploy_applications(cfg)
     http = cfg.get("http_options", {})
     base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
@@ -94,10 +134,9 @@ def deploy_file(file: Path, wait_s: float = 300) -> dict[str, str]:
         states = {n: apps.get(n, {}).get("status") for n in names}
         if all(v == "RUNNING" for v in states.values()):
             return {a["name"]: base + a.get("route_prefix", "/" + a["name"]) for a in cfg["applications"]}
-        failed = {n: apps[n].get("message", "") for n, v in states.items() if v == "DEPLOY_FAILED"}
+        failed = [n for n, v in states.items() if v == "DEPLOY_FAILED"]
         if failed:
-            n, msg = next(iter(failed.items()))
-            raise LoopError(f"application {n} failed to deploy: {msg.strip().splitlines()[-1] if msg.strip() else 'see serve logs'}")
+            raise LoopError(f"application {failed[0]} failed to deploy: {_replica_error(apps[failed[0]])}")
         if time.monotonic() > deadline:
             raise LoopError(f"applications not RUNNING after {wait_s:.0f}s: {states}")
         time.sleep(1)
