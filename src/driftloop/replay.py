@@ -78,11 +78,15 @@ class ReplayReport:
 async def replay_async(
     url: str, app: str, df: pd.DataFrame, features: list[str], label: str, rps: float, labels: bool = False,
     concurrency: int = 16, headers: dict[str, str] | None = None, on_response: Callable[[int, dict], None] | None = None,
-    keep_responses: bool = False, timeout: float = 30.0,
+    keep_responses: bool = False, timeout: float = 30.0, batch: int = 1,
 ) -> ReplayReport:
-    """Send one single-row request per row at a paced rate (open loop, bounded in count and time)."""
+    """Send the rows in order at a paced rate (rows per second; open loop, bounded in count and time), `batch`
+    rows per `/predict` request (one row: `{"row": …}`, more: `{"rows": […]}`). Counts are per row; with
+    `labels`, each row's ground truth goes to `/feedback` under its own id."""
     import httpx
 
+    if batch < 1:
+        raise ValueError("batch must be >= 1")
     rep = ReplayReport()
     base = f"{url.rstrip('/')}/{app.strip('/')}"
     sem = asyncio.Semaphore(concurrency)
@@ -90,9 +94,10 @@ async def replay_async(
     ys = df[label].to_numpy() if label in df.columns else None
     t0 = time.monotonic()
 
-    async def one(client: httpx.AsyncClient, i: int) -> None:
+    async def one(client: httpx.AsyncClient, idx: range) -> None:
         async with sem:
-            body = {"row": {f: float(v) for f, v in zip(features, xs[i])}}
+            rows = [{f: float(v) for f, v in zip(features, xs[i])} for i in idx]
+            body = {"row": rows[0]} if batch == 1 else {"rows": rows}
             start = time.monotonic()
             try:
                 r = await client.post(f"{base}/predict", json=body, headers=headers)
@@ -101,35 +106,38 @@ async def replay_async(
             except Exception:
                 code, data = 599, {}
             rep.latencies_ms.append((time.monotonic() - start) * 1000)
-            rep.status_counts[code] = rep.status_counts.get(code, 0) + 1
+            rep.status_counts[code] = rep.status_counts.get(code, 0) + len(idx)
             if code != 200:
-                rep.failed += 1
+                rep.failed += len(idx)
                 return
-            rep.ok += 1
+            rep.ok += len(idx)
             v = int(data["model_version"])
-            rep.versions[v] = rep.versions.get(v, 0) + 1
-            pred = data["predictions"][0]["prediction"]
-            if keep_responses:
-                rep.responses.append({"i": i, "t": time.monotonic() - t0, "version": v, "prediction": pred})
-            if ys is not None:
-                rep.correct += int(pred == int(ys[i]))
-                if labels:
-                    fr = await client.post(f"{base}/feedback", json={"request_id": data["request_id"], "label": int(ys[i])})
-                    if fr.status_code == 200:
-                        rep.labelled += 1
-            if on_response:
-                on_response(i, data)
+            rep.versions[v] = rep.versions.get(v, 0) + len(idx)
+            for j, i in enumerate(idx):
+                pred = data["predictions"][j]["prediction"]
+                if keep_responses:
+                    rep.responses.append({"i": i, "t": time.monotonic() - t0, "version": v, "prediction": pred})
+                if ys is not None:
+                    rep.correct += int(pred == int(ys[i]))
+                    if labels:
+                        rid = data["request_id"] if batch == 1 else data["predictions"][j]["id"]
+                        fr = await client.post(f"{base}/feedback", json={"request_id": rid, "label": int(ys[i])})
+                        if fr.status_code == 200:
+                            rep.labelled += 1
+                if on_response:
+                    on_response(i, data if batch == 1 else {**data, "predictions": [data["predictions"][j]]})
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         tasks = []
-        for i in range(len(df)):
-            due = t0 + i / rps if rps > 0 else t0
+        for first in range(0, len(df), batch):
+            due = t0 + first / rps if rps > 0 else t0
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(client, i)))
-            rep.sent += 1
+            idx = range(first, min(len(df), first + batch))
+            tasks.append(asyncio.create_task(one(client, idx)))
+            rep.sent += len(idx)
         await asyncio.gather(*tasks)
     rep.seconds = time.monotonic() - t0
     return rep

@@ -39,7 +39,7 @@ def write_spec(path: Path, **overrides) -> Path:
 def session_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("driftloop-home")
     env = {"DRIFTLOOP_HOME": str(home), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "DRIFTLOOP_POLL_S": "0.5", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+           "DRIFTLOOP_POLL_S": "0.5", "DRIFTLOOP_NEW_DATA_CHECK_S": "2", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     old = {k: os.environ.get(k) for k in list(env) + ["MLFLOW_TRACKING_URI", "DRIFTLOOP_DATA_ROOT", "RAY_ADDRESS"]}
     os.environ.update(env)
     for k in ("MLFLOW_TRACKING_URI", "DRIFTLOOP_DATA_ROOT", "RAY_ADDRESS"):

@@ -38,10 +38,10 @@ def rows_of(df):
     return [{f: float(v) for f, v in zip(F, r)} for r in df[F].to_numpy()]
 
 
-def send(app, df, concurrency=16, rps=0.0, labels=False):
+def send(app, df, concurrency=16, rps=0.0, labels=False, batch=1):
     from driftloop.replay import replay_async
 
-    return asyncio.run(replay_async(app.rsplit("/", 1)[0], "digits", df, F, "digit", rps=rps, labels=labels,
+    return asyncio.run(replay_async(app.rsplit("/", 1)[0], "digits", df, F, "digit", rps=rps, labels=labels, batch=batch,
                                     concurrency=concurrency, keep_responses=True))
 
 
@@ -92,7 +92,7 @@ def test_clean_windows_raise_no_drift_then_noise_is_flagged_within_two_windows(a
     pad = (window - start["window"]["fill"]) % window  # align the onset to a window boundary
     pool = examples.builtin("digits").pool
     clean = examples.digits_stream(pool, pad + 10 * window, onset=None, seed=11)
-    r = send(app, clean)
+    r = send(app, clean, batch=10)  # 10-row requests: the monitor windows rows, not requests
     assert r.failed == 0
     st = wait_for(lambda: (s := drift(app))["window"]["index"] >= base_windows + 10 + (1 if pad else 0) and s, 60,
                   what="10 clean windows")
@@ -103,7 +103,7 @@ def test_clean_windows_raise_no_drift_then_noise_is_flagged_within_two_windows(a
     assert not flagged
     onset_window = st["window"]["index"]
     noisy = examples.digits_stream(pool, 2 * window, onset=0, kind="noise", severity=3, seed=12)
-    assert send(app, noisy).failed == 0
+    assert send(app, noisy, batch=10).failed == 0
     st = wait_for(lambda: (s := drift(app))["window"]["index"] >= onset_window + 2 and s, 60, what="2 noisy windows")
     hits = [e for e in st["recent"] if e["index"] in (onset_window, onset_window + 1) and e["is_drift"]]
     assert hits, st["recent"][:3]
@@ -370,3 +370,31 @@ def test_serve_deploy_path_admin_token_and_swap(serve_url, settings, trained, tm
     from ray import serve
 
     serve.delete("deployed")
+
+
+def test_grafana_dashboard_queries_only_metrics_the_app_exports(app, ray_cluster):
+    """deploy/grafana/driftloop.json: every metric a panel or variable queries is one this running app (after the
+    traffic, labels and swaps of this module) exports on Ray's Prometheus endpoint: no typo, no metric renamed away."""
+    import json
+    import re
+
+    import ray
+
+    from tests.conftest import ROOT
+
+    dash = json.loads((ROOT / "deploy/grafana/driftloop.json").read_text())
+    queries = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    queries += [v["query"]["query"] for v in dash["templating"]["list"] if isinstance(v.get("query"), dict)]
+    wanted = set(re.findall(r"\bray_[a-z_]+", " ".join(queries)))
+    assert len(wanted) >= 6, wanted
+    port = ray.nodes()[0]["MetricsExportPort"]
+
+    def missing():
+        text = _metrics(port)
+        exported = {ln.split("{", 1)[0].split(" ", 1)[0] for ln in text.splitlines() if ln and not ln.startswith("#")}
+        return wanted - exported
+
+    try:
+        wait_for(lambda: not missing(), 60, every=3, what="every dashboard metric to be exported")
+    except AssertionError:
+        raise AssertionError(f"the dashboard queries metrics the app does not export: {sorted(missing())}") from None

@@ -84,20 +84,23 @@ def test_drift_triggers_one_job_that_promotes_and_swaps(settings, trained, serve
     serve.run(build({"spec": str(spec_path)}), name="loop", route_prefix="/loop")
     app = f"{serve_url}/loop"
     pool = examples.builtin("digits").pool
+    t0 = time.monotonic()
     try:
         seed, new_version = 300, None
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline:  # drifted labelled traffic until the monitor has submitted a job ...
             chunk = examples.digits_stream(pool, 250, onset=0, kind="noise", severity=3, seed=seed)
             seed += 1
-            r = asyncio.run(replay_async(serve_url, "loop", chunk, F, "digit", rps=0, labels=True, concurrency=8))
+            r = asyncio.run(replay_async(serve_url, "loop", chunk, F, "digit", rps=0, labels=True, concurrency=8, batch=10))
             assert r.failed == 0
             job = httpx.get(f"{app}/drift", timeout=30).json()["retraining"]["current"]
             if job and job["submission_id"] not in before:
                 break
+        t_job = time.monotonic()
         # ... then quiet, so the job has the CPUs (2 here), until the new version answers
         new_version = wait_for(lambda: (v := httpx.get(f"{app}/healthz", timeout=30).json()["model_version"]) != champion and v,
                                max(30.0, deadline - time.monotonic()), every=1, what="the new champion to answer")
+        t_swap = time.monotonic()
         st = httpx.get(f"{app}/drift", timeout=30).json()
         assert new_version is not None, st["retraining"]
         jobs = [j for j in retrain_jobs(ray_cluster["dashboard"], "digits") if j.submission_id not in before]
@@ -116,14 +119,16 @@ def test_drift_triggers_one_job_that_promotes_and_swaps(settings, trained, serve
         wait_for(lambda: httpx.get(f"{app}/drift", timeout=30).json()["model_version"] == new_version, 60,
                  what="the monitor to swap detectors")
         after = examples.digits_stream(pool, 2250, onset=0, kind="noise", severity=3, seed=seed + 100)
-        r = asyncio.run(replay_async(serve_url, "loop", after, F, "digit", rps=0, labels=True, concurrency=8))
+        r = asyncio.run(replay_async(serve_url, "loop", after, F, "digit", rps=0, labels=True, concurrency=8, batch=10))
         assert r.failed == 0 and set(r.versions) == {new_version}
         assert r.accuracy >= 0.85, r.summary()
         st = wait_for(lambda: (s := httpx.get(f"{app}/drift", timeout=30).json()) and s["samples"] >= 2250 and s, 60,
                       what="the monitor to see the rows")
         on_new = [w for w in st["recent"] if w["model_version"] == new_version]
         flagged = [w["index"] for w in on_new if w["is_drift"]]
-        print(f"after the swap: {len(flagged)} of {len(on_new)} windows on v{new_version} flagged; accuracy {r.accuracy:.3f}")
+        print(f"after the swap: {len(flagged)} of {len(on_new)} windows on v{new_version} flagged; accuracy {r.accuracy:.3f}; "
+              f"seconds: traffic until the job {t_job - t0:.0f}, job until the swap {t_swap - t_job:.0f}, "
+              f"the new regime's {len(after)} rows {time.monotonic() - t_swap:.0f}")
         assert len(on_new) >= 4 and len(flagged) <= 1, on_new
         later = {j.submission_id for j in retrain_jobs(ray_cluster["dashboard"], "digits")} - before
         assert later == {jobs[0].submission_id}, f"a retrain storm: {sorted(later)}"
@@ -153,7 +158,7 @@ def test_new_data_is_a_trigger_too(settings, trained, serve_url, ray_cluster, tm
         pool.iloc[:120].to_csv(small, index=False)
         ing = run_cli("data", "ingest", str(small), "--table", "digits", "--spec", str(spec_path))
         assert ing.returncode == 0, ing.stderr
-        time.sleep(15)  # more than one new-data check (10 s)
+        time.sleep(6)  # more than one new-data check (DRIFTLOOP_NEW_DATA_CHECK_S: 2 s here)
         assert {j.submission_id for j in retrain_jobs(ray_cluster["dashboard"], "digits")} == before, "120 < 300 rows"
         big = tmp_path / "big.csv"
         pool.iloc[120:320].to_csv(big, index=False)
@@ -167,7 +172,7 @@ def test_new_data_is_a_trigger_too(settings, trained, serve_url, ray_cluster, tm
         tags = registry.version_tags(settings, "digits", ended["version"])
         assert tags["lineage.cause"] == f"data version {crossed}" and tags["lineage.drift_event"] == ""
         assert int(tags["data.version"]) >= crossed
-        time.sleep(12)  # a further check finds nothing new: the same rows never trigger twice
+        time.sleep(6)  # further checks find nothing new: the same rows never trigger twice
         after = {j.submission_id for j in retrain_jobs(ray_cluster["dashboard"], "digits")} - before
         assert after == {jobs[0].submission_id}, sorted(after)
     finally:

@@ -1,0 +1,90 @@
+"""A newcomer's first commands, each its own process, against a local Ray head that `ray start` left running (as
+`driftloop serve` does): serving a model with no champion is refused in one line before anything is deployed;
+`driftloop sweep` joins the running head instead of failing with Ray's "num_cpus and num_gpus must not be
+provided"; then `driftloop serve` deploys the new champion there.
+
+The head runs in its own process group and Ray temp dir (RAY_TMPDIR), so it is found the way a user's is (the
+address file of the last `ray start`), and stopping it touches no other Ray on the machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import ROOT, run_cli
+from tests.integration.conftest import free_port, wait_for, write_spec
+
+pytestmark = pytest.mark.slow
+
+DASHBOARD_PORT = 8265  # what `ray start` and `driftloop serve` use by default
+
+
+def test_serve_refuses_without_champion_then_sweep_joins_the_running_head(tmp_path):
+    raytmp = tmp_path / "raytmp"
+    raytmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DRIFTLOOP_JOBS_ADDRESS", "MLFLOW_TRACKING_URI",
+                                                            "DRIFTLOOP_DATA_ROOT")}
+    env.update(RAY_TMPDIR=str(raytmp), DRIFTLOOP_HOME=str(tmp_path / "home"), RAY_USAGE_STATS_ENABLED="0")
+    spec = write_spec(tmp_path / "newcomer.yaml", **{
+        "name": "newcomer", "dataset.table": "newcomer", "sweep.trials": 1, "sweep.concurrency": 1,
+        "sweep.scheduler": "fifo", "training.epochs": 2, "training.workers": 1})
+    cfg = yaml.safe_load((ROOT / "serve_configs/digits.yaml").read_text())
+    port = free_port()
+    cfg["http_options"]["port"] = port
+    app = cfg["applications"][0]
+    app.update(name="newcomer", route_prefix="/newcomer", args={"spec": str(spec)})
+    for dep in app["deployments"]:
+        dep["num_replicas"] = 1
+    serve_cfg = tmp_path / "serve.yaml"
+    serve_cfg.write_text(yaml.safe_dump(cfg))
+
+    def cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+        return run_cli(*args, env=env, timeout=timeout)
+
+    ingested = cli("data", "ingest", "digits", "--table", "newcomer", "--spec", str(spec))
+    assert ingested.returncode == 0, ingested.stderr[-2000:]
+    # 1. no champion yet: one line, exit 2, nothing started or deployed
+    refused = cli("serve", str(serve_cfg))
+    print("serve before any sweep:", refused.stderr.strip())
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert refused.stderr.strip().count("\n") == 0
+    assert "'newcomer' has no champion yet" in refused.stderr and "driftloop sweep" in refused.stderr
+    assert not (raytmp / "ray" / "ray_current_cluster").exists(), "a refused serve starts no Ray"
+
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=2",
+                             "--disable-usage-stats", "--dashboard-agent-listen-port=0"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        dash = f"http://127.0.0.1:{DASHBOARD_PORT}"
+        wait_for(lambda: (raytmp / "ray" / "ray_current_cluster").exists() and _ok(f"{dash}/api/version"), 120,
+                 what="the local head")
+        # 2. the sweep joins the running head (a driver job of that cluster) and registers the champion
+        swept = cli("sweep", str(spec))
+        assert swept.returncode == 0, (swept.stdout + swept.stderr)[-3000:]
+        drivers = [j for j in httpx.get(f"{dash}/api/jobs/", timeout=30).json() if j.get("type") == "DRIVER"]
+        assert any("sweep" in (j.get("entrypoint") or "") for j in drivers), drivers
+        # 3. now `driftloop serve` deploys it on that head and it answers
+        served = cli("serve", str(serve_cfg))
+        assert served.returncode == 0, (served.stdout + served.stderr)[-3000:]
+        url = f"http://127.0.0.1:{port}/newcomer"
+        assert f"newcomer: {url}/predict" in served.stdout
+        assert httpx.get(f"{url}/healthz", timeout=30).json()["model_version"] == 1
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # the head's process group: this cluster only
+        head.wait(30)
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
