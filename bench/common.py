@@ -59,7 +59,7 @@ def train_champion(epochs: int = 10):
     spec = parse_spec(d)
     ingest("digits", s.table_uri("digits"), spec.dataset)
     dv = tables.data_version(s.table_uri("digits"))
-    ensure_ray(s)
+    ensure_ray(s, join_running=False)
     res = make_trainer(spec, dv, default_hparams(spec), "bench", str(s.home / "ray_results")).fit()
     run = client(s).create_run(experiment_id(s, spec.name), run_name="bench")
     with res.checkpoint.as_directory() as ckpt:

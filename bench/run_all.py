@@ -73,6 +73,10 @@ def _rate(k: int, n: int) -> str:
     return f"{k}/{n} = {100 * k / n:.1f} % (95 % CI {100 * lo:.1f}–{100 * hi:.1f} %)" if n else "no windows"
 
 
+def _ratio(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def _verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("met" if ok else "**missed**")
 
@@ -85,16 +89,21 @@ def headline(r: dict) -> list[str]:
              + (" (partial rerun: " + ", ".join(f"{k} at {v}" for k, v in rerun.items()) + "; the other sections are from the run above)"
                 if rerun else "") + ".", "",
              "| what | measured | baseline or target | verdict |", "|---|---|---|---|"]
-    row = lambda what, measured, target, ok: lines.append(f"| {what} | {measured} | {target} | {_verdict(ok)} |")  # noqa: E731
+    def row(what: str, measured: str, target: str, ok: bool | None) -> None:
+        cell = lambda v: str(v).splitlines()[0].replace("|", "\\|") if str(v) else ""  # noqa: E731
+        lines.append(f"| {cell(what)} | {cell(measured)} | {cell(target)} | {_verdict(ok)} |")
+
     dt = r.get("detection") or {}
     if "target" in dt:
         t = dt["target"]
-        d0 = dt["digits"][t["default_detectors"][0]]
-        sev3 = [c for c in d0 if c.endswith((":3", ":4", ":5"))]
+        window = dt["window"]
+        shipped = [dt["digits"][k] for k in t["default_detectors"] if k in dt["digits"]]
+        sev3 = sorted(c for c in shipped[0] if c.rsplit(":", 1)[-1].isdigit() and int(c.rsplit(":", 1)[-1]) >= 3)
+        first = [c for c in sev3 if min((d[c]["median_delay_rows"] or float("inf")) for d in shipped) <= window]
         row(f"detection, shipped set ({' + '.join(t['default_detectors'])}), onset on a window boundary",
-            f"severity >= 3: {len(sev3)} corruption:severity cells, each flagged within one window in "
-            + ", ".join(sorted({d0[c]['detected'] for c in sev3})) + " streams", "within one window (500 rows)",
-            t["every_severity_ge3_within_one_window"])
+            f"{len(first)} of {len(sev3)} corruption:severity cells (severity >= 3) flagged in the first window "
+            f"(median over {dt['streams']} streams, by at least one detector of the set)", "every cell, within one window",
+            len(first) == len(sev3))
         comb = dt.get("false_alarms_combined")
         if comb:
             row("false alarms, shipped set (OR, as the monitor flags), exchangeable clean windows",
@@ -106,7 +115,9 @@ def headline(r: dict) -> list[str]:
                 f"median {v['median_rows']:.0f} rows, p90 {v['p90_rows']:.0f} rows ({v['detected']} detected)"
                 if v["median_rows"] is not None else f"not detected ({v['detected']})", "within one window after the onset's window", None)
     lp = (r.get("loop") or {}).get("summary")
-    if lp and lp.get("seconds_onset_to_swap"):
+    if lp and not lp.get("seconds_onset_to_swap"):
+        row("onset -> new champion answering (`demo --quick`)", "no swap happened", "<= 120 s", False)
+    elif lp:
         row("onset -> new champion answering (`demo --quick`)", f"{lp['seconds_onset_to_swap']:.1f} s; drifted accuracy "
             f"{lp['accuracy_drifted_before']:.3f} -> {lp['accuracy_drifted_after']:.3f}, {lp['failed_requests']} failed requests",
             "<= 120 s", lp["seconds_onset_to_swap"] <= 120)
@@ -114,15 +125,15 @@ def headline(r: dict) -> list[str]:
     for c in sv.get("cells", []):
         if c["connections"] == 16:
             row(f"serving, monitored / monitor off, batch {c['batch']}, 16 conns",
-                f"{c['a_monitored']['rps']:.0f} vs {c['b_monitoring_off']['rps']:.0f} req/s = {c['throughput_ratio_a_over_b']:.2f}",
-                ">= 0.95", c["throughput_ratio_a_over_b"] >= 0.95)
+                f"{c['a_monitored']['rps']:.0f} vs {c['b_monitoring_off']['rps']:.0f} req/s = {_ratio(c['throughput_ratio_a_over_b'])}",
+                ">= 0.95", (c["throughput_ratio_a_over_b"] or 0) >= 0.95)
             row(f"serving, driftloop (Serve proxy, shipped) / plain FastAPI, batch {c['batch']}, 16 conns",
-                f"{c['a_monitored']['rps']:.0f} vs {c['c_plain_fastapi']['rps']:.0f} req/s = {c['throughput_ratio_a_over_c']:.2f}",
-                ">= 1.0", c["throughput_ratio_a_over_c"] >= 1.0)
+                f"{c['a_monitored']['rps']:.0f} vs {c['c_plain_fastapi']['rps']:.0f} req/s = {_ratio(c['throughput_ratio_a_over_c'])}",
+                ">= 1.0", (c["throughput_ratio_a_over_c"] or 0) >= 1.0)
             if "e_monitored_direct" in c:
                 row(f"serving, driftloop through direct ingress (opt-in) / plain FastAPI, batch {c['batch']}, 16 conns",
                     f"{c['e_monitored_direct']['rps']:.0f} vs {c['c_plain_fastapi']['rps']:.0f} req/s = "
-                    f"{c['throughput_ratio_e_over_c']:.2f}", ">= 1.0", c["throughput_ratio_e_over_c"] >= 1.0)
+                    f"{_ratio(c['throughput_ratio_e_over_c'])}", ">= 1.0", (c["throughput_ratio_e_over_c"] or 0) >= 1.0)
     fp = r.get("footprint") or {}
     if "help_s_median" in fp:
         row("`driftloop --help`", f"{fp['help_s_median']:.2f} s", "<= 2 s", fp["help_s_median"] <= 2)

@@ -23,7 +23,7 @@ def run() -> dict:
     t = time.perf_counter()
     setup_home("training")
     s = get_settings().ensure()
-    ensure_ray(s)
+    ensure_ray(s, join_running=False)
     ray_start = time.perf_counter() - t
     base = load_spec(ROOT / "configs/digits.yaml").model_dump(mode="json")
     base["training"]["epochs"] = EPOCHS

@@ -222,7 +222,7 @@ def replay_cmd(
     labels: bool = typer.Option(False, "--labels", help="post each row's ground truth to /feedback"),
     url: str = typer.Option("http://127.0.0.1:8000", "--url", envvar="DRIFTLOOP_SERVE_URL"),
     seed: int = typer.Option(0, "--seed"),
-    batch: int = typer.Option(1, "--batch", min=1, max=1000, help="rows per /predict request (each row is labelled under its own id)"),
+    batch: int = typer.Option(1, "--batch", min=1, max=256, help="rows per /predict request (each row is labelled under its own id)"),
 ) -> None:
     """Send real HTTP traffic from the examples (with a corruption from the first row) and print what came back."""
     from driftloop.replay import replay

@@ -11,8 +11,11 @@ from driftloop.settings import Settings
 LOCAL_CPUS = 4  # logical CPUs for the embedded cluster: fractional Train workers + Serve replicas on 2 cores
 
 
-def ensure_ray(settings: Settings, namespace: str = "driftloop") -> None:
-    """Join RAY_ADDRESS when set; otherwise start local Ray with the dashboard on 127.0.0.1 only.
+def ensure_ray(settings: Settings, namespace: str = "driftloop", join_running: bool = True) -> None:
+    """Join RAY_ADDRESS when set; else (with `join_running`) the local head that `ray start` left running, as
+    `driftloop serve` does; otherwise start local Ray with the dashboard on 127.0.0.1 only. The demo and the
+    benchmarks pass join_running=False: they deploy and tear down Serve apps of their own, and must never do
+    that on a user's running head.
 
     The dashboard is not optional: the Jobs API lives there, and Ray Train's placement-group cleaner
     asks its state API whether a controller is alive (without it, trials that ASHA stops early leak
@@ -29,13 +32,14 @@ def ensure_ray(settings: Settings, namespace: str = "driftloop") -> None:
         # and a job's runtime env cannot be merged with another one.
         ray.init(address=settings.ray_address, namespace=namespace, log_to_driver=False)
         return
-    running = running_local_cluster()
+    running = running_local_cluster() if join_running else None
     if running:
         # a local head that `driftloop serve` (or `ray start`) left running: join it, as Ray itself would
         ray.init(address=running, namespace=namespace, runtime_env=runtime_env, log_to_driver=False)
         return
     with any_agent_port():
         ray.init(
+            address="local",  # a new cluster, never the one a stale `ray start` address file names
             num_cpus=max(LOCAL_CPUS, os.cpu_count() or 1),
             include_dashboard=True,
             dashboard_host="127.0.0.1",
@@ -58,6 +62,7 @@ def running_local_cluster() -> str | None:
     if not addr:
         return None
     port = addr.rsplit(":", 1)[-1]
+    find_gcs_addresses.cache_clear()  # Ray caches a non-empty answer for the life of the process
     alive = {a.rsplit(":", 1)[-1] for a in find_gcs_addresses()}
     return addr if port in alive else None  # a stale address file of a cluster that is gone: start our own
 

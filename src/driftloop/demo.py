@@ -69,7 +69,7 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: flo
     t_start = time.monotonic()
     try:
         _say(quiet, f"starting local Ray (dashboard on 127.0.0.1), home {home}")
-        ensure_ray(s)
+        ensure_ray(s, join_running=False)  # its own cluster: it deploys and tears down Serve apps
         v0 = ingest("digits", s.table_uri(spec.dataset.table), spec.dataset)
         _say(quiet, f"ingested digits: table version {v0}")
         _say(quiet, f"sweep: {spec.sweep.trials} trials x {spec.training.workers} workers (Ray Tune + Ray Train)")

@@ -125,7 +125,8 @@ async def replay_async(
                         if fr.status_code == 200:
                             rep.labelled += 1
                 if on_response:
-                    on_response(i, data if batch == 1 else {**data, "predictions": [data["predictions"][j]]})
+                    on_response(i, data if batch == 1 else {**data, "request_id": data["predictions"][j]["id"],
+                                                           "predictions": [data["predictions"][j]]})
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:

@@ -29,9 +29,11 @@ DASHBOARD_PORT = 8265  # what `ray start` and `driftloop serve` use by default
 def test_serve_refuses_without_champion_then_sweep_joins_the_running_head(tmp_path):
     raytmp = tmp_path / "raytmp"
     raytmp.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DRIFTLOOP_JOBS_ADDRESS", "MLFLOW_TRACKING_URI",
-                                                            "DRIFTLOOP_DATA_ROOT")}
-    env.update(RAY_TMPDIR=str(raytmp), DRIFTLOOP_HOME=str(tmp_path / "home"), RAY_USAGE_STATS_ENABLED="0")
+    if not _free(DASHBOARD_PORT):
+        pytest.skip(f"port {DASHBOARD_PORT} is taken (another Ray head runs here): this test needs a machine without one")
+    # empty = unset for driftloop and Ray: no session cluster, tracking server or data root leaks in
+    env = {"RAY_ADDRESS": "", "DRIFTLOOP_JOBS_ADDRESS": "", "MLFLOW_TRACKING_URI": "", "DRIFTLOOP_DATA_ROOT": "",
+           "RAY_TMPDIR": str(raytmp), "DRIFTLOOP_HOME": str(tmp_path / "home"), "RAY_USAGE_STATS_ENABLED": "0"}
     spec = write_spec(tmp_path / "newcomer.yaml", **{
         "name": "newcomer", "dataset.table": "newcomer", "sweep.trials": 1, "sweep.concurrency": 1,
         "sweep.scheduler": "fifo", "training.epochs": 2, "training.workers": 1})
@@ -61,8 +63,9 @@ def test_serve_refuses_without_champion_then_sweep_joins_the_running_head(tmp_pa
     ray_bin = str(Path(sys.executable).with_name("ray"))
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=2",
-                             "--disable-usage-stats", "--dashboard-agent-listen-port=0"],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--disable-usage-stats", "--dashboard-agent-listen-port=0",
+                             f"--ray-client-server-port={free_port()}"],
+                            env={**os.environ, **env}, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         dash = f"http://127.0.0.1:{DASHBOARD_PORT}"
         wait_for(lambda: (raytmp / "ray" / "ray_current_cluster").exists() and _ok(f"{dash}/api/version"), 120,
@@ -79,8 +82,24 @@ def test_serve_refuses_without_champion_then_sweep_joins_the_running_head(tmp_pa
         assert f"newcomer: {url}/predict" in served.stdout
         assert httpx.get(f"{url}/healthz", timeout=30).json()["model_version"] == 1
     finally:
-        os.killpg(head.pid, signal.SIGKILL)  # the head's process group: this cluster only
-        head.wait(30)
+        # SIGTERM first: `ray start --block` then stops its own processes; its workers (own process groups) exit
+        # once their raylet is gone. The group kill is the fallback. Nothing of any other Ray is touched.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                head.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
 def _ok(url: str) -> bool:

@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
 from driftloop.config import Spec
 from driftloop.serving import ids as request_ids
+from driftloop.serving import ui
 from driftloop.serving.common import (ADMIN_TOKEN_ENV, FEEDBACK_BURST, FEEDBACK_RATE, FRESH_ID_S, HANDOFF_S,
                                       HEALTH_CHECK_PERIOD_S, POLL_S, PREDICT_TOKEN_ENV, ChampionWatcher, PollLoops, _app_name,
                                       _authorised, _error, _load_champion, _read_body, _token, log)
@@ -173,6 +174,22 @@ class Predictor(PollLoops):
     async def drift(self):
         self._ensure_tasks()
         return await self.monitor.status.remote()
+
+    @fastapi_app.get("/ui", summary="Live drift page of this application (self-contained HTML; refreshes every 2 s)",
+                     response_class=HTMLResponse)
+    async def drift_page(self):
+        self._ensure_tasks()
+        return HTMLResponse(ui.PAGE, headers=ui.PAGE_HEADERS)
+
+    @fastapi_app.get("/ui/data", summary="Champion history with gate scores and the champion's lineage, for /ui (503: registry unavailable)")
+    async def drift_page_data(self):
+        self._ensure_tasks()
+        if getattr(self, "ui_data", None) is None:  # one cache per replica: many open pages, one registry read per 2 s
+            self.ui_data = ui.CachedPayload(lambda: ui.read_payload(self.settings, self.spec))
+        status, body = await self.ui_data.get()
+        if status != 200:
+            return _error(status, body["error"])
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     @fastapi_app.get("/healthz", summary="Liveness and the model version this replica serves")
     async def healthz(self):
