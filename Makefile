@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: demo test test-fast bench setup clean
+.PHONY: demo test test-fast bench setup browser clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -18,7 +18,12 @@ setup: $(STAMP)
 demo: $(STAMP)  ## run the whole loop on the embedded default (local Ray, MLflow on sqlite, Delta tables)
 	$(VENV)/bin/driftloop demo
 
-test: $(STAMP)  ## every test, end-to-end ones included
+browser:  ## headless Chromium for the page test: Debian's package, installed when missing (as root, as in CI)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "make test needs Chromium: sudo apt-get install chromium" >&2; exit 2; fi
+
+test: $(STAMP) browser  ## every test, end-to-end ones included
 	$(VENV)/bin/python -m pytest -v -rP --durations=15 tests/unit tests/integration
 
 test-fast: $(STAMP)  ## unit tests only (no Ray)

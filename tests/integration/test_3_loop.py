@@ -133,6 +133,29 @@ def test_drift_triggers_one_job_that_promotes_and_swaps(settings, trained, serve
         later = {j.submission_id for j in retrain_jobs(ray_cluster["dashboard"], "digits")} - before
         assert later == {jobs[0].submission_id}, f"a retrain storm: {sorted(later)}"
         assert st["policy"]["windows_since_swap"] >= 4 and st["policy"]["swapped_at"] is not None
+
+        # The live page in a real browser, after drift -> retrain -> swap: it shows the drift event, the job and
+        # the new champion, and asks nothing of any host but the app's own.
+        from urllib.parse import urlparse
+
+        from tests.conftest import ROOT
+        from tests.integration.browser import open_page
+
+        event, job_id = tags["lineage.drift_event"], jobs[0].submission_id
+        shot = ROOT / "test-output" / "ui-after-swap.png"
+
+        def shows_the_loop(page):
+            assert f"v{new_version}" == page.text("#champion").strip(), page.text("#champion")
+            assert job_id in page.text("#jobs"), page.text("#jobs")
+            assert event in page.text("#lineage") and job_id in page.text("#lineage"), page.text("#lineage")
+            assert event in page.text("#history"), page.text("#history")
+            assert page.js("document.querySelectorAll('#detectors svg').length") >= 1, "no detector chart"
+
+        requested = open_page(f"{app}/ui", tmp_path / "chromium", f"document.body.innerText.includes({job_id!r}) && "
+                              f"document.querySelector('#lineage').innerText.includes({event!r})", shows_the_loop, shot)
+        print(f"the page asked for {len(requested)} URL(s): {sorted(set(requested))}; screenshot {shot}")
+        assert requested and all(urlparse(u).hostname == "127.0.0.1" for u in requested), requested
+        assert shot.stat().st_size > 10_000
     finally:
         serve.delete("loop")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 from typing import Any, Callable
@@ -31,11 +32,12 @@ PAGE_HEADERS = {
 
 
 def _score(s: Any) -> float | None:
-    """A gate score tag ("" when there was none) as a float."""
+    """A gate score tag ("" when there was none, "nan" for a NaN score) as a float; JSON has no NaN."""
     try:
-        return None if s in (None, "") else float(s)
+        x = None if s in (None, "") else float(s)
     except (TypeError, ValueError):
         return None
+    return x if x is not None and math.isfinite(x) else None
 
 
 def _int(s: Any) -> int | None:
