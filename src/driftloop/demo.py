@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+OUT = None  # where driftloop's own lines go (`driftloop demo` sends everything else to demo-out/demo.log)
+
+
 def _say(quiet: bool, msg: str) -> None:
     if not quiet:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=OUT or sys.stdout, flush=True)
 
 
 def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: float = 480) -> dict[str, Any]:
