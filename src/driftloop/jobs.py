@@ -241,15 +241,25 @@ def submit_until_taken(tracker: JobTracker, trig: Trigger, keep_trying: bool, sa
         time.sleep(delay)
 
 
-def follow(tracker: JobTracker, base_id: str, say: Callable[[str], None], every_s: float = 2.0) -> dict[str, Any]:
-    """Wait until a sequence is final, retries included, riding out a Jobs API that stops answering for a while."""
-    said = None
+def follow(tracker: JobTracker, base_id: str, say: Callable[[str], None], every_s: float = 2.0,
+           heartbeat_s: float = 30.0) -> dict[str, Any]:
+    """Wait until a sequence is final, retries included, riding out a Jobs API that stops answering for a while.
+    Says each change of attempt or state, and every `heartbeat_s` how long the current state has lasted."""
+    said, seen, since, last_beat = None, None, time.monotonic(), time.monotonic()
     while True:
         try:
             tracker.tick()
             job = tracker.find(base_id)
-            if job and job["final"]:
-                return job
+            if job:
+                now = (job["submission_id"], job["status"])
+                if now != seen:
+                    say(f"job {job['submission_id']} {job['status']}" + (f" (attempt {job['attempt'] + 1})" if job.get("attempt") else ""))
+                    seen, since, last_beat = now, time.monotonic(), time.monotonic()
+                elif time.monotonic() - last_beat >= heartbeat_s and not job["final"]:
+                    say(f"job {job['submission_id']} still {job['status']} after {time.monotonic() - since:.0f} s")
+                    last_beat = time.monotonic()
+                if job["final"]:
+                    return job
         except RetrainPathDown as err:
             if str(err) != said:
                 say(f"{err}; still waiting")
