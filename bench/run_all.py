@@ -214,7 +214,10 @@ def render(r: dict) -> str:
            + ". Every figure below was measured beside its baseline in the same run.", ""]
     sv = r.get("serving")
     if sv and "cells" in sv:
-        out += ["## Serving (digits, requests/s and latency)", "", f"Settings: {sv['settings']}. {sv['duration_s']} s per cell.", "",
+        out += ["## Serving (digits, requests/s and latency)", "", f"Settings: {sv['settings']}. {sv['duration_s']} s per cell. "
+                "(a) and (b) are measured through Serve's proxy, as shipped, on a cluster started with "
+                "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (so that (e) can be measured in the same run; the proxy path is the "
+                "same); (d) is the model's forward pass in this process, per call.", "",
                 "| batch | conns | (a) monitored rps | (b) monitor off rps | (c) plain FastAPI rps | (d) in-process rps | a/b | a/c | a p50 ms | b p50 ms | c p50 ms | a p99 ms | a-b p50 ms |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in sv["cells"]:
