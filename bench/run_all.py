@@ -30,13 +30,13 @@ def main() -> int:
         results |= {k: v for k, v in kept.items() if k not in only and k not in ("machine", "started")}
         results["started"] = kept.get("started", results["started"])
         results["rerun"] = kept.get("rerun", {})
-    for name in ("detection", "footprint", "serving", "training", "loop", "backtest"):
+    for name in ("detection", "footprint", "serving", "training", "loop", "backtest", "live"):
         if only and name not in only:
             continue
         t = time.perf_counter()
         try:
             mod = __import__(f"bench.{name}", fromlist=["run"])
-            results[name] = mod.run()
+            results[name] = mod.run(results) if name == "live" else mod.run()
         except Exception as err:
             traceback.print_exc()
             results[name] = {"error": f"{type(err).__name__}: {err}"}
@@ -157,7 +157,7 @@ def headline(r: dict) -> list[str]:
         row("rainfall backtest, prequential accuracy (retrains)", f"driftloop {d['accuracy']:.4f} ({d['retrains']})",
             f"periodic:365 {p['accuracy']:.4f} ({p['retrains']}), static {s0['accuracy']:.4f}; >= periodic - 0.005 with <= half its retrains",
             t["accuracy_ge_periodic_minus_0.005"] and t["retrains_le_half_periodic"] and t["above_static"])
-    lv = bt.get("rainfall_live") or {}
+    lv = r.get("live") or bt.get("rainfall_live") or {}
     if lv:
         row("rainfall live over HTTP: retraining jobs", f"failed: {lv['error']}" if "error" in lv else f"{lv['retrain_jobs']} "
             f"({lv['succeeded']} succeeded) over {lv['rows']} rows", f"backtest's {lv.get('backtest_retrains', '?')} ± 1",
@@ -312,14 +312,14 @@ def render(r: dict) -> str:
         out += ["", "| onset -> swap, by stage | seconds |", "|---|---|"]
         out += [f"| {k} | {v:.1f} |" for k, v in lp.get("onset_to_swap_by_stage_s", {}).items()]
         out += ["", "Target: <= 120 s onset to swap. The figure includes waiting for 600 labelled drifted rows (min_labelled_rows) at the replay's pace.", ""]
-    out += _render_backtest(r.get("backtest"))
-    for name in ("serving", "detection", "footprint", "training", "loop", "backtest"):
+    out += _render_backtest(r.get("backtest"), r.get("live"))
+    for name in ("serving", "detection", "footprint", "training", "loop", "backtest", "live"):
         if name in r and "error" in r[name]:
             out += [f"**{name} failed:** {r[name]['error']}", ""]
     return "\n".join(out)
 
 
-def _render_backtest(bt: dict | None) -> list[str]:
+def _render_backtest(bt: dict | None, live: dict | None = None) -> list[str]:
     if not bt or "rainfall" not in bt:
         return []
     out = ["## The loop on real streams (`driftloop backtest`)", ""]
@@ -342,7 +342,7 @@ def _render_backtest(bt: dict | None) -> list[str]:
     out += [f"Rainfall target (driftloop >= periodic - 0.005 with <= half its retrains, and above static): accuracy minus periodic "
             f"{t['accuracy_minus_periodic']:+.4f} ({'met' if t['accuracy_ge_periodic_minus_0.005'] else 'missed'}); retrains <= half: "
             f"{'met' if t['retrains_le_half_periodic'] else 'missed'}; above static: {'met' if t['above_static'] else 'missed'}.", ""]
-    lv = bt.get("rainfall_live") or {}
+    lv = live or bt.get("rainfall_live") or {}
     if "error" in lv:
         out += [f"Live rainfall replay over HTTP: **failed** ({lv['error']}).", ""]
     elif lv:
