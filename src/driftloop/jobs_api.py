@@ -32,10 +32,12 @@ def one_line(err: Any) -> str:
 
 
 def ray_token_headers() -> dict[str, str]:
-    """Authorization header for a Jobs API with Ray token auth on (RAY_AUTH_TOKEN or ~/.ray/auth_token)."""
+    """Authorization header for a Jobs API with Ray token auth on (RAY_AUTH_TOKEN or ~/.ray/auth_token). With
+    RAY_AUTH_MODE unset, Ray 2.60 turns token auth on for a new local cluster (and for `ray start` once a token
+    file exists), so the file's token is sent unless auth is explicitly disabled."""
     token = os.environ.get("RAY_AUTH_TOKEN")
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if not token and os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and path.is_file():
+    if not token and os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled" and path.is_file():
         token = path.read_text().strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
 

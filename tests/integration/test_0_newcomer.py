@@ -33,7 +33,8 @@ def test_serve_refuses_without_champion_then_sweep_joins_the_running_head(tmp_pa
         pytest.skip(f"port {DASHBOARD_PORT} is taken (another Ray head runs here): this test needs a machine without one")
     # empty = unset for driftloop and Ray: no session cluster, tracking server or data root leaks in
     env = {"RAY_ADDRESS": "", "DRIFTLOOP_JOBS_ADDRESS": "", "MLFLOW_TRACKING_URI": "", "DRIFTLOOP_DATA_ROOT": "",
-           "RAY_TMPDIR": str(raytmp), "DRIFTLOOP_HOME": str(tmp_path / "home"), "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_TMPDIR": str(raytmp), "DRIFTLOOP_HOME": str(tmp_path / "home"), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}  # as `make test` runs it (Ray 2.60 would turn token auth on)
     spec = write_spec(tmp_path / "newcomer.yaml", **{
         "name": "newcomer", "dataset.table": "newcomer", "sweep.trials": 1, "sweep.concurrency": 1,
         "sweep.scheduler": "fifo", "training.epochs": 2, "training.workers": 1})

@@ -17,7 +17,7 @@ SUMMARY = re.compile(r"^[a-z_][a-z_ ()]*[a-z)] {2,}\S")       # name    value
 
 def test_demo_prints_only_its_own_lines_and_closes_the_loop(tmp_path):
     env = {"RAY_ADDRESS": "", "DRIFTLOOP_JOBS_ADDRESS": "", "MLFLOW_TRACKING_URI": "", "DRIFTLOOP_DATA_ROOT": "",
-           "DRIFTLOOP_HOME": str(tmp_path / "home")}
+           "DRIFTLOOP_HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled"}  # as `make demo` runs it
     r = run_cli("demo", "--quick", "--out", str(tmp_path / "out"), env=env, timeout=1200)
     print(r.stdout)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
