@@ -9,6 +9,7 @@ address file of the last `ray start`), and stopping it touches no other Ray on t
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,8 +28,9 @@ DASHBOARD_PORT = 8265  # what `ray start` and `driftloop serve` use by default
 
 
 def test_serve_refuses_without_champion_then_sweep_joins_the_running_head(tmp_path):
-    raytmp = tmp_path / "raytmp"
-    raytmp.mkdir()
+    import tempfile
+
+    raytmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's unix sockets live under it (108-byte limit)
     if not _free(DASHBOARD_PORT):
         pytest.skip(f"port {DASHBOARD_PORT} is taken (another Ray head runs here): this test needs a machine without one")
     # empty = unset for driftloop and Ray: no session cluster, tracking server or data root leaks in
@@ -62,15 +64,19 @@ def test_serve_refuses_without_champion_then_sweep_joins_the_running_head(tmp_pa
     assert not (raytmp / "ray" / "ray_current_cluster").exists(), "a refused serve starts no Ray"
 
     ray_bin = str(Path(sys.executable).with_name("ray"))
+    head_log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=2",
                              "--disable-usage-stats", "--dashboard-agent-listen-port=0",
                              f"--ray-client-server-port={free_port()}"],
-                            env={**os.environ, **env}, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, **env}, start_new_session=True, stdout=head_log, stderr=subprocess.STDOUT)
     try:
         dash = f"http://127.0.0.1:{DASHBOARD_PORT}"
-        wait_for(lambda: (raytmp / "ray" / "ray_current_cluster").exists() and _ok(f"{dash}/api/version"), 120,
-                 what="the local head")
+        try:
+            wait_for(lambda: (raytmp / "ray" / "ray_current_cluster").exists() and _ok(f"{dash}/api/version"), 120,
+                     what="the local head")
+        except AssertionError:
+            raise AssertionError("the local head did not come up: " + (tmp_path / "head.log").read_text()[-2000:]) from None
         # 2. the sweep joins the running head (a driver job of that cluster) and registers the champion
         swept = cli("sweep", str(spec))
         assert swept.returncode == 0, (swept.stdout + swept.stderr)[-3000:]
@@ -94,6 +100,8 @@ def test_serve_refuses_without_champion_then_sweep_joins_the_running_head(tmp_pa
                 head.wait(30)
             except subprocess.TimeoutExpired:
                 pass
+        head_log.close()
+        shutil.rmtree(raytmp, ignore_errors=True)
 
 
 def _free(port: int) -> bool:

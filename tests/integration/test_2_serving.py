@@ -387,6 +387,10 @@ def test_grafana_dashboard_queries_only_metrics_the_app_exports(app, ray_cluster
     queries += [v["query"]["query"] for v in dash["templating"]["list"] if isinstance(v.get("query"), dict)]
     wanted = set(re.findall(r"\bray_[a-z_]+", " ".join(queries)))
     assert len(wanted) >= 6, wanted
+    # a full labelled window on this monitor replica sets every gauge (p-values, scores, verdict, rolling accuracy)
+    window = drift(app)["window"]["size"]
+    assert send(app, examples.digits_stream(examples.builtin("digits").pool, window, onset=None, seed=33), labels=True,
+                batch=10).failed == 0
     port = ray.nodes()[0]["MetricsExportPort"]
 
     def missing():
@@ -397,4 +401,7 @@ def test_grafana_dashboard_queries_only_metrics_the_app_exports(app, ray_cluster
     try:
         wait_for(lambda: not missing(), 60, every=3, what="every dashboard metric to be exported")
     except AssertionError:
-        raise AssertionError(f"the dashboard queries metrics the app does not export: {sorted(missing())}") from None
+        text = _metrics(port)
+        ours = sorted({ln.split("{", 1)[0] for ln in text.splitlines() if "driftloop" in ln and not ln.startswith("#")})
+        raise AssertionError(f"the dashboard queries metrics the app does not export: {sorted(missing())}; "
+                             f"exported driftloop metrics: {ours}") from None
