@@ -117,8 +117,9 @@ class LoadedDetector:
         return DetectorResult(self.name, self.kind, bool(out["is_drift"]), float(p.min()), float(dist.max()), thr, drifted)
 
     def update(self, features: np.ndarray, proba: np.ndarray) -> DetectorResult | None:
-        """Feed rows to an online detector one by one; return the first alarm, if any."""
-        last = None
+        """Feed rows to an online detector one by one. An alarm resets it and the rest of the rows go on into the
+        fresh run (none is skipped); the first alarm is returned, else the last row's result."""
+        last = alarm = None
         for row in self._x(features, proba):
             out = self._det.predict(row, return_test_stat=True)["data"]
             stat = np.asarray(out.get("test_stat"), dtype=np.float64)
@@ -127,8 +128,9 @@ class LoadedDetector:
                                   None, float(np.max(stat)) if stat.size else None,
                                   float(np.max(thr)) if thr.size else None)
             if last.is_drift:
-                return last
-        return last
+                alarm = alarm or last
+                self.reset()
+        return alarm or last
 
     def reset(self) -> None:
         if self.online and hasattr(self._det, "reset_state"):

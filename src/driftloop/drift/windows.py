@@ -62,9 +62,8 @@ class WindowedDetectors:
             res = d.update(x, proba)
             if res is not None:
                 self.online_last[d.name] = res.as_dict() | {"t": d.time}
-                if res.is_drift:
+                if res.is_drift:  # the detector has reset itself and run on over the batch's later rows
                     alarms.append(res)
-                    d.reset()
         reports: list[WindowReport] = []
         self.samples += len(x)
         i = 0
