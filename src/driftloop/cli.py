@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import sys
@@ -333,67 +332,10 @@ def demo_cmd(
     from driftloop import demo
 
     out.mkdir(parents=True, exist_ok=True)
-    with _libraries_to(out / "demo.log") as own:
+    with demo.libraries_to(out / "demo.log") as own:
         demo.OUT = own
         summary = demo.run_demo(out, quick=quick, quiet=as_json)
-    typer.echo(json.dumps(summary) if as_json else _demo_summary(summary))
-
-
-@contextlib.contextmanager
-def _libraries_to(log: Path):
-    """Point file descriptors 1 and 2 (Python's and native libraries' output alike) at LOG for the duration; yield
-    a stream on the real standard output for the command's own lines. Restored before any error is printed."""
-    import os
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved_out, saved_err = os.dup(1), os.dup(2)
-    own = os.fdopen(os.dup(1), "w", buffering=1)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    try:
-        yield own
-    except BaseException:
-        own.flush()
-        _restore(saved_out, saved_err)
-        typer.echo(f"the libraries' output (Ray, Tune, Serve, MLflow) is in {log}", err=True)
-        raise
-    finally:
-        own.flush()
-        _restore(saved_out, saved_err)
-
-
-def _restore(saved_out: int, saved_err: int) -> None:
-    import os
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        os.dup2(saved_out, 1)
-        os.dup2(saved_err, 2)
-    except OSError:
-        pass  # already restored (the error path restores before printing)
-
-
-def _demo_summary(summary: dict) -> str:
-    """The demo's summary for people: one `name  value` line each, the loop's moments as clock times."""
-    import time
-
-    lines = []
-    for k, v in summary.items():
-        if k == "events_at" and isinstance(v, dict):
-            start = v.get("onset")
-            def at(name, t):
-                if t is None:
-                    return f"{name} -"
-                clock = time.strftime("%H:%M:%S", time.localtime(t))
-                return f"{name} {clock}" + (f" (+{t - start:.1f} s)" if start is not None and name != "onset" else "")
-            v = " · ".join(at(name, t) for name, t in v.items())
-            k = "events (local time)"
-        lines.append(f"{k:<28} {v}")
-    return "\n".join(lines)
+    typer.echo(json.dumps(summary) if as_json else demo.summary_text(summary))
 
 
 def main() -> None:

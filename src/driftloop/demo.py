@@ -9,6 +9,7 @@ labelled, so the two accuracies are on the same unseen rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -37,6 +38,51 @@ OUT = None  # where driftloop's own lines go (`driftloop demo` sends everything 
 def _say(quiet: bool, msg: str) -> None:
     if not quiet:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=OUT or sys.stdout, flush=True)
+
+
+@contextlib.contextmanager
+def libraries_to(log: Path):
+    """Point file descriptors 1 and 2 (Python's and native libraries' output alike) at LOG for the duration; yield
+    a stream on the real standard output for the command's own lines. Restored before any error is printed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    own = os.fdopen(os.dup(1), "w", buffering=1)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    failed = True
+    try:
+        yield own
+        failed = False
+    finally:
+        own.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for target, fd in zip((1, 2), saved):
+            os.dup2(fd, target)
+            os.close(fd)
+        if failed:
+            print(f"the libraries' output (Ray, Tune, Serve, MLflow) is in {log}", file=sys.stderr, flush=True)
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """The demo's summary for people: one `name  value` line each, the loop's moments as clock times."""
+    lines = []
+    for k, v in summary.items():
+        if k == "events_at" and isinstance(v, dict):
+            start = v.get("onset")
+
+            def at(name: str, t: float | None) -> str:
+                if t is None:
+                    return f"{name} -"
+                since = f" (+{t - start:.1f} s)" if start is not None and name != "onset" else ""
+                return f"{name} {time.strftime('%H:%M:%S', time.localtime(t))}{since}"
+
+            k, v = "events (local time)", " · ".join(at(name, t) for name, t in v.items())
+        lines.append(f"{k:<28} {v}")
+    return "\n".join(lines)
 
 
 def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: float = 480) -> dict[str, Any]:
