@@ -154,7 +154,7 @@ def sweep_cmd(
 @app.command("models")
 @clean_errors
 def models_cmd(name: str = typer.Argument(..., help="model name"), as_json: bool = typer.Option(False, "--json")) -> None:
-    """List a model's versions: scores, data versions, gate decisions, and which one is champion."""
+    """List a model's versions: scores, data versions, gate decisions, which one is champion, which are archived."""
     from driftloop.registry import list_versions
     from driftloop.settings import get_settings
 
@@ -164,23 +164,25 @@ def models_cmd(name: str = typer.Argument(..., help="model name"), as_json: bool
         return
     if not rows:
         _fail(f"no registered versions of model {name!r}")
-    typer.echo(f"{'ver':>4} {'champ':<6} {'test_acc':>9}  {'decision':<9} {'data':<40} reason")
+    typer.echo(f"{'ver':>4} {'champ':<8} {'test_acc':>9}  {'decision':<9} {'data':<40} reason")
     for r in rows:
         data = r["data"] if len(r["data"]) <= 40 else "…" + r["data"][-39:]
-        typer.echo(f"{r['version']:>4} {'*' if r['champion'] else '':<6} {r['test_accuracy']:>9}  {r['decision']:<9} {data:<40} {r['reason']}")
+        mark = "*" if r["champion"] else "archived" if r.get("archived") else ""
+        typer.echo(f"{r['version']:>4} {mark:<8} {r['test_accuracy']:>9}  {r['decision']:<9} {data:<40} {r['reason']}")
 
 
 @app.command("promote")
 @clean_errors
 def promote_cmd(name: str = typer.Argument(...), version: int = typer.Argument(...),
-                reason: str = typer.Option("manual", "--reason")) -> None:
+                reason: str = typer.Option("manual", "--reason"),
+                force: bool = typer.Option(False, "--force", help="promote even an archived version")) -> None:
     """Force the champion alias onto VERSION (recorded as a manual decision)."""
     from driftloop.errors import LoopError
     from driftloop.registry import promote
     from driftloop.settings import get_settings
 
     try:
-        promote(get_settings(), name, version, reason)
+        promote(get_settings(), name, version, reason, force=force)
     except Exception as err:
         if isinstance(err, LoopError):
             raise
@@ -291,6 +293,39 @@ def retrain_cmd(
         typer.echo(f"{spec.name}: job {job['submission_id']} {job['status']}")
         if job["status"] != "SUCCEEDED":
             raise typer.Exit(1)
+
+
+@app.command("gc")
+@clean_errors
+def gc_cmd(
+    config: Path = typer.Argument(..., metavar="NAME|SPEC", help="model name (uses configs/NAME.yaml) or a spec path"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="count files and list what would be removed; change nothing"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Run the maintenance the live monitor runs every `lifecycle.maintenance_every_s`: compact the inference log,
+    feedback and drift events (Delta OPTIMIZE), delete rows past `lifecycle.retention_days`, vacuum replaced files
+    after `vacuum_grace_hours`, remove stale node-local caches and archive old registry versions."""
+    from driftloop.config import load_spec
+    from driftloop.data.maintenance import maintain
+    from driftloop.settings import get_settings
+
+    spec = load_spec(config if config.suffix in (".yaml", ".yml", ".json") else Path("configs") / f"{config}.yaml")
+    rep = maintain(get_settings().ensure(), spec, dry_run=dry_run)
+    if as_json:
+        typer.echo(json.dumps(rep, default=str))
+        return
+    for kind, t in rep["tables"].items():
+        if not t.get("exists"):
+            typer.echo(f"{kind:<13} no table yet")
+        elif dry_run:
+            typer.echo(f"{kind:<13} {t['active']} files in use, {t['stored']} on storage")
+        else:
+            typer.echo(f"{kind:<13} files {t['files_before']} -> {t['files_after']} (on storage {t['stored_before']} -> "
+                       f"{t['stored_after']}), {t['rows_expired']} rows past {rep['retention_days']:g} days deleted")
+    verb = "would remove" if dry_run else "removed"
+    typer.echo(f"local caches  {verb} {len(rep['local_removed'])} folders")
+    if "archived" in rep:
+        typer.echo(f"registry      {'would archive' if dry_run else 'archived'} versions {rep['archived'] or 'none'}")
 
 
 @app.command("backtest")

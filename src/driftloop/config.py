@@ -197,6 +197,23 @@ class RetrainSpec(_Strict):
     gate: GateSpec = Field(default_factory=GateSpec)
 
 
+class LifecycleSpec(_Strict):
+    """How long the application's logs live and how the files it writes are kept small and few."""
+
+    retention_days: float = Field(default=90, gt=0, description="rows of the inference log, feedback and drift events "
+                                  "older than this many days are deleted (their day partitions) and their files vacuumed")
+    vacuum_grace_hours: float = Field(default=24, ge=0, description="files that compaction or retention replaced stay on "
+                                      "storage this long, so a reader that began before the change and time travel "
+                                      "across it still work")
+    maintenance_every_s: float = Field(default=3600, ge=0, description="the DriftMonitor compacts, expires and vacuums "
+                                       "its tables this often (0: never; `driftloop gc` runs it by hand)")
+    keep_versions: int = Field(default=20, ge=1, description="registry versions older than the newest N that are "
+                               "neither the champion nor one of the last keep_champions champions are archived")
+    keep_champions: int = Field(default=3, ge=1)
+    local_cache_hours: float = Field(default=24, ge=0, description="node-local caches (Ray Train trial folders, model "
+                                     "copies left by a crashed process) older than this are removed")
+
+
 class Spec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
     task: Literal["classification"] = "classification"
@@ -206,6 +223,7 @@ class Spec(_Strict):
     sweep: SweepSpec = Field(default_factory=SweepSpec)
     drift: DriftSpec = Field(default_factory=DriftSpec)
     retraining: RetrainSpec = Field(default_factory=RetrainSpec)
+    lifecycle: LifecycleSpec = Field(default_factory=LifecycleSpec)
 
     @property
     def n_features(self) -> int:

@@ -17,18 +17,33 @@ def uris(settings: Settings, spec: Spec) -> dict[str, str]:
     return {k: settings.table_uri(f"{t}_{k}") for k in ("inference", "feedback", "drift_events")}
 
 
+def append(settings: Settings, spec: Spec, kind: str, df: pd.DataFrame) -> None:
+    """Append rows to one of the logs: partitioned by day, with log-table properties set when it is created."""
+    from driftloop.data.maintenance import DAY, log_properties
+
+    tables.append(uris(settings, spec)[kind], df, {"source": "driftloop-monitor"}, want_version=False,
+                  partition_by=[DAY], configuration=log_properties(spec.lifecycle.vacuum_grace_hours))
+
+
+def _with_day(df: pd.DataFrame) -> pd.DataFrame:
+    from driftloop.data.maintenance import DAY, day_of
+
+    df[DAY] = day_of(df["ts"].to_numpy())
+    return df
+
+
 def inference_frame(spec: Spec, ids: list[str], ts: list[float], version: int, x: np.ndarray, pred: np.ndarray) -> pd.DataFrame:
     df = pd.DataFrame(x.astype(np.float64), columns=spec.dataset.features)
     df.insert(0, "prediction", pred.astype(np.int64))
     df.insert(0, "model_version", np.full(len(ids), version, dtype=np.int64))
     df.insert(0, "ts", np.asarray(ts, dtype=np.float64))
     df.insert(0, "request_id", pd.Series(ids, dtype=object).astype(str))
-    return df
+    return _with_day(df)
 
 
 def feedback_frame(rows: list[tuple[str, int, float]]) -> pd.DataFrame:
-    return pd.DataFrame({"request_id": [r[0] for r in rows], "label": np.array([r[1] for r in rows], dtype=np.int64),
-                         "ts": np.array([r[2] for r in rows], dtype=np.float64)})
+    return _with_day(pd.DataFrame({"request_id": [r[0] for r in rows], "label": np.array([r[1] for r in rows], dtype=np.int64),
+                                   "ts": np.array([r[2] for r in rows], dtype=np.float64)}))
 
 
 def drift_event_frame(report: dict) -> pd.DataFrame:
@@ -41,7 +56,7 @@ def drift_event_frame(report: dict) -> pd.DataFrame:
         "is_drift": bool(report["is_drift"]), "min_p_val": float(min(ps)) if ps else float("nan"),
         "drifted_features": json.dumps(drifted), "detectors": json.dumps(det), "kind": report.get("kind", "window"),
         "trigger": report.get("trigger", ""),
-    }])
+    }]).pipe(_with_day)
 
 
 def read_or_empty(uri: str, columns: list[str] | None = None, filters: list | None = None) -> pd.DataFrame:
@@ -67,12 +82,23 @@ def lookup(uri: str, request_ids: list[str], columns: list[str], ts_from: float 
 
 
 def labelled_rows(settings: Settings, spec: Spec, after_ts: float = 0.0) -> pd.DataFrame:
-    """Served rows joined with their ground-truth labels (newest label per request wins)."""
+    """Served rows joined with their ground-truth labels given after `after_ts` (newest label per request wins).
+    Incremental: only feedback past the watermark is read, and only the inference rows of those ids, bounded below by
+    the issue time the ids carry, so the cost follows the new labels, not the age of the logs."""
+    from driftloop.data.maintenance import DAY
+    from driftloop.serving.ids import issued_at_unverified
+
     u = uris(settings, spec)
-    fb = read_or_empty(u["feedback"])
+    cols = ["request_id", "ts", "feedback_ts", "model_version", "prediction", *spec.dataset.features, spec.dataset.label]
+    fb = read_or_empty(u["feedback"], ["request_id", "label", "ts"], filters=[("ts", ">", float(after_ts))] if after_ts else None)
     if fb.empty:
-        return pd.DataFrame(columns=["request_id", "ts", "feedback_ts", "model_version", "prediction", *spec.dataset.features, spec.dataset.label])
-    fb = fb[fb["ts"] > after_ts].sort_values("ts").drop_duplicates("request_id", keep="last")
-    inf = read_or_empty(u["inference"])
+        return pd.DataFrame(columns=cols)
+    fb = fb.sort_values("ts").drop_duplicates("request_id", keep="last")
+    ids = fb["request_id"].tolist()
+    filters: list = [("request_id", "in", ids)]
+    issued = [t for t in map(issued_at_unverified, ids) if t is not None]
+    if len(issued) == len(ids):
+        filters.append(("ts", ">=", min(issued) - 60.0))
+    inf = read_or_empty(u["inference"], filters=filters).drop(columns=[DAY], errors="ignore")
     joined = inf.merge(fb.rename(columns={"ts": "feedback_ts", "label": spec.dataset.label}), on="request_id")
     return joined.sort_values("feedback_ts").reset_index(drop=True)

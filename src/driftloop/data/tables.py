@@ -62,19 +62,40 @@ def _check_writable(uri: str) -> None:
             raise TableError(f"cannot write to {uri}: permission denied ({what} is read-only)")
 
 
-def append(uri: str, df: pd.DataFrame, metadata: dict[str, str] | None = None, want_version: bool = True) -> int | None:
-    """Append one batch atomically as a new version and return that version's number (if asked)."""
+_PARTITIONS: dict[str, list[str]] = {}  # uri -> the partition columns of the existing table (read once per process)
+
+
+def _partitioning(uri: str, wanted: list[str]) -> list[str] | None:
+    """The partition columns to append with: the existing table's (a table written before partitioning stays
+    unpartitioned), or `wanted` for a new table."""
+    if uri not in _PARTITIONS:
+        if not exists(uri):
+            return wanted
+        _PARTITIONS[uri] = list(_table(uri).metadata().partition_columns)
+    return _PARTITIONS[uri]
+
+
+def append(uri: str, df: pd.DataFrame, metadata: dict[str, str] | None = None, want_version: bool = True,
+           partition_by: list[str] | None = None, configuration: dict[str, str] | None = None) -> int | None:
+    """Append one batch atomically as a new version and return that version's number (if asked). `partition_by`
+    and `configuration` (Delta table properties) apply when this append creates the table; a partition column
+    the existing table does not have is dropped from the batch."""
     from deltalake import CommitProperties, write_deltalake
 
     if len(df) == 0:
         raise TableError("refusing to append an empty batch")
     _check_writable(uri)
+    parts = _partitioning(uri, partition_by) if partition_by else None
+    if partition_by and not parts:
+        df = df.drop(columns=[c for c in partition_by if c in df.columns])
     table = pa.Table.from_pandas(df, preserve_index=False)
     try:
         write_deltalake(
             uri,
             table,
             mode="append",
+            partition_by=parts or None,
+            configuration=configuration,
             commit_properties=CommitProperties(custom_metadata=dict(metadata or {})),
         )
     except OSError as err:
@@ -115,6 +136,26 @@ def read(uri: str, version: int | None = None, columns: list[str] | None = None,
     `ordered=True` reads them in commit order: rows in the order they were appended (a training window's
     "newest N rows" depends on it)."""
     dt = _table(uri, version)
+    try:
+        return _read(dt, columns, filters, ordered)
+    except FileNotFoundError:
+        raise TableError(_vacuumed(uri, dt)) from None
+
+
+def _vacuumed(uri: str, dt) -> str:
+    """One line for a version whose data files retention or compaction removed (vacuumed)."""
+    v = int(dt.version())
+    latest = _table(uri)
+    marks = [h for h in latest.history(limit=200) if h.get("driftloop.readable_from")]
+    if marks:
+        m = marks[0]
+        when = datetime.fromtimestamp(m["timestamp"] / 1000, tz=timezone.utc).isoformat(timespec="seconds")
+        return (f"{uri}: version {v} can no longer be read: retention and compaction removed its data files "
+                f"(vacuumed {when}); the oldest readable version is {m['driftloop.readable_from']}")
+    return f"{uri}: version {v} can no longer be read: some of its data files are gone from storage"
+
+
+def _read(dt, columns, filters, ordered) -> pd.DataFrame:
     if not ordered or filters is not None:
         return dt.to_pandas(columns=columns, filters=filters)
     acts = _actions(dt)
@@ -158,11 +199,14 @@ def columns(uri: str, version: int | None = None) -> list[str]:
 
 def versions(uri: str) -> list[dict]:
     """Every version of a table: number, commit time, rows in the snapshot, rows added, digest."""
-    dt = _table(uri)
+    hist = sorted(_table(uri).history(), key=lambda r: r["version"])
     out = []
-    for h in sorted(dt.history(), key=lambda r: r["version"]):
+    dt = _table(uri, int(hist[0]["version"])) if hist else None
+    for h in hist:
         v = int(h["version"])
-        dv = data_version(uri, v)
+        dt.load_as_version(v)  # one table object moved forward: each commit of the log is read once
+        acts = _actions(dt)
+        dv = DataVersion(uri, v, _digest_of(dt, acts), sum(int(r) for r in acts["num_records"]))
         ts = datetime.fromtimestamp(h["timestamp"] / 1000, tz=timezone.utc)
         metrics = h.get("operationMetrics") or {}
         out.append({

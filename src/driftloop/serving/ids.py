@@ -98,6 +98,13 @@ def verify(secret: bytes, rid: str, now: float | None = None, max_age: float | N
     return RequestId(rid, int(version), issued, rows, index)
 
 
+def issued_at_unverified(rid: str) -> float | None:
+    """The issue time an id carries, without checking its signature: only a hint for bounding a log read (ids in
+    the feedback table were verified when their labels were accepted); None for anything that is not an id."""
+    m = REQUEST_ID.fullmatch(rid) if isinstance(rid, str) else None
+    return int(m.group(2), 36) / 1000 if m else None
+
+
 def app_secret(state_dir: Path, app: str) -> bytes:
     """The application's key: DRIFTLOOP_ID_SECRET, else a random one created once under the state dir."""
     if os.environ.get(ID_SECRET_ENV):

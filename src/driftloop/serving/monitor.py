@@ -59,6 +59,9 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
         self.replica_started_at = self.first_started_at
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
+        self.maintenance: dict = {"runs": 0, "every_s": self.spec.lifecycle.maintenance_every_s}
+        self._maintenance_task: asyncio.Task | None = None
+        self._maintained_at = time.monotonic()  # the first pass comes one interval after the replica starts
         tags = ("model",)
         self.m_pval = metrics.Gauge("driftloop_drift_p_value", "Smallest p-value of a detector on the last window", tag_keys=("model", "detector"))
         self.m_score = metrics.Gauge("driftloop_drift_score", "Test statistic of a detector on the last window", tag_keys=("model", "detector"))
@@ -235,13 +238,13 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
                 self.m_pval.set(r.p_val, tags={"model": self.name, "detector": r.name})
             if r.distance is not None:
                 self.m_score.set(r.distance, tags={"model": self.name, "detector": r.name})
-        await asyncio.to_thread(self._append, logs.uris(self.settings, self.spec)["drift_events"], logs.drift_event_frame(rep.as_dict()))
+        await asyncio.to_thread(self._append, "drift_events", logs.drift_event_frame(rep.as_dict()))
 
     async def _on_alarm(self, event: dict) -> None:
         """An online detector's alarm is a drift event of its own; a trigger it causes names that event."""
         from driftloop.data import logs
 
-        await asyncio.to_thread(self._append, logs.uris(self.settings, self.spec)["drift_events"], logs.drift_event_frame(event))
+        await asyncio.to_thread(self._append, "drift_events", logs.drift_event_frame(event))
 
     async def _on_trigger(self, trig) -> None:
         if trig is None:
@@ -268,10 +271,33 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
             self.m_submit_failures.inc(n - self._submit_failures_seen)
             self._submit_failures_seen = n
 
+    async def _maintain(self) -> None:
+        """One scheduled maintenance pass (data/maintenance.py) off the event loop; its report shows in /drift."""
+        from driftloop.data import maintenance
+
+        try:
+            rep = await asyncio.to_thread(maintenance.maintain, self.settings, self.spec)
+            self.maintenance = {"last": rep, "runs": self.maintenance.get("runs", 0) + 1}
+        except Exception as err:
+            log.exception("maintenance failed; will retry at the next interval")
+            self.maintenance = {**self.maintenance, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300],
+                                "error_at": time.time()}
+
+    def _maintenance_due(self) -> bool:
+        every = self.spec.lifecycle.maintenance_every_s
+        if not every or (self._maintenance_task is not None and not self._maintenance_task.done()):
+            return False
+        if time.monotonic() - self._maintained_at < every:
+            return False
+        self._maintained_at = time.monotonic()
+        return True
+
     async def _flush_loop(self) -> None:
         last_log = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
+            if self._maintenance_due():  # its own task: flushing and snapshots go on while it compacts
+                self._maintenance_task = asyncio.get_running_loop().create_task(self._maintain())
             try:
                 if time.monotonic() - last_log >= LOG_FLUSH_S or sum(len(b[0]) for b in self.log_buffer) >= 5000:
                     last_log = time.monotonic()
@@ -300,7 +326,7 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
             "recent": recent[::-1], "restored_history": self.restored[::-1], "online": d.online_last if d else {},
             "rolling_accuracy": acc, "feedback": self.feedback_count, "dropped_rows": self.dropped_reported,
             "inference_log_dropped_rows": self.log_dropped,
-            "policy": self.policy.snapshot(), "retraining": job, "registry": self.watcher.error or {"ok": True},
+            "policy": self.policy.snapshot(), "retraining": job, "maintenance": self.maintenance, "registry": self.watcher.error or {"ok": True},
             "state": {"path": str(self.state_path), "persisted_at": self.persisted_at, "restored": self.restored_state,
                       "pending_submit": self.pending_submit, "unsaved_changes": self._dirty,
                       "replica_started_at": self.replica_started_at, "init_s": round(self.init_s, 3)},

@@ -31,10 +31,10 @@ class RowStores:
         """An evicted label must still be found: ids issued up to its issue time are looked up again."""
         self.labels_cover_from = max(self.labels_cover_from, value[1])
 
-    def _append(self, uri: str, df) -> None:
-        from driftloop.data import tables
+    def _append(self, kind: str, df) -> None:
+        from driftloop.data import logs
 
-        tables.append(uri, df, {"source": "driftloop-monitor"}, want_version=False)
+        logs.append(self.settings, self.spec, kind, df)
 
     async def flush(self) -> int:
         """Write buffered served rows to the inference log (one Delta version per micro-batch)."""
@@ -48,7 +48,7 @@ class RowStores:
 
         df = pd.concat(frames, ignore_index=True)
         try:
-            await asyncio.to_thread(self._append, logs.uris(self.settings, self.spec)["inference"], df)
+            await asyncio.to_thread(self._append, "inference", df)
         except Exception:
             self.log_buffer = buf + self.log_buffer  # keep them for the next attempt, within the bound
             self._bound_log_buffer()
@@ -148,11 +148,10 @@ class RowStores:
     async def _write_labels(self) -> None:
         from driftloop.data import logs
 
-        uri = logs.uris(self.settings, self.spec)["feedback"]
         while self.pending_labels:
             batch, self.pending_labels = self.pending_labels, []
             try:
-                await asyncio.to_thread(self._append, uri, logs.feedback_frame([b[:3] for b in batch]))
+                await asyncio.to_thread(self._append, "feedback", logs.feedback_frame([b[:3] for b in batch]))
             except Exception as err:
                 for b in batch:
                     if not b[3].done():
