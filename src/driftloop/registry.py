@@ -7,9 +7,11 @@ manual, rollback), both scores and the data version they were computed on.
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,10 @@ from driftloop.errors import LoopError
 from driftloop.settings import Settings
 
 CHAMPION = "champion"
-HISTORY_TAG = "champion_history"
+HISTORY_TAG = "champion_history"        # legacy: one JSON list, read-modify-written (concurrent moves lost entries)
+EVENT_PREFIX = HISTORY_TAG + "."        # one registered-model tag per alias move: `champion_history.<ms>-<hex>`
+HISTORY_MAX = 50
+ARCHIVED_TAG = "driftloop.archived"     # model-version tag: the ISO UTC time the version was archived
 
 
 def configure(settings: Settings) -> None:
@@ -149,6 +154,11 @@ def _is_absent(err: Exception) -> bool:
     return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in msg)
 
 
+def _unavailable(settings: Settings, err: Exception) -> RegistryUnavailable:
+    first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+    return RegistryUnavailable(f"model registry at {settings.tracking_uri} unavailable: {first}")
+
+
 def champion_version(settings: Settings, name: str) -> int | None:
     """The version the `champion` alias points at; None only when the registry says there is none.
 
@@ -160,8 +170,7 @@ def champion_version(settings: Settings, name: str) -> int | None:
     except Exception as err:
         if _is_absent(err):
             return None
-        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise RegistryUnavailable(f"model registry at {settings.tracking_uri} unavailable: {first}") from err
+        raise _unavailable(settings, err) from err
 
 
 def download(settings: Settings, name: str, version: int, dst: str | Path | None = None) -> Path:
@@ -216,15 +225,54 @@ def decide(challenger: float, champion: float | None, min_improvement: float, ti
                     challenger, champion)
 
 
+_clock = threading.Lock()
+_last_ms = 0
+
+
+def _event_key() -> str:
+    """A fresh tag key; keys this process writes sort in the order it wrote them (the ms time never repeats)."""
+    global _last_ms
+    with _clock:
+        _last_ms = max(int(time.time() * 1000), _last_ms + 1)
+        ms = _last_ms
+    return f"{EVENT_PREFIX}{ms:013d}-{secrets.token_hex(3)}"
+
+
+def _replay(name: str, tags: dict[str, str]) -> list[int]:
+    """The champion stack (oldest first): the legacy JSON list, then the alias-move events in key order."""
+    try:
+        stack = [int(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))][-HISTORY_MAX:]
+    except (ValueError, TypeError) as err:
+        raise LoopError(f"{name}: unreadable tag {HISTORY_TAG}={tags[HISTORY_TAG][:100]!r}") from err
+    for key in sorted(k for k in tags if k.startswith(EVENT_PREFIX)):
+        try:
+            ev = json.loads(tags[key])
+            v, op = int(ev["v"]), ev["op"]
+        except (ValueError, TypeError, KeyError) as err:
+            raise LoopError(f"{name}: unreadable champion history event {key}={tags[key][:100]!r}") from err
+        if op == "rollback" and v in stack:  # back to v: drop everything after its last occurrence
+            stack = stack[: len(stack) - stack[::-1].index(v)]
+        elif op in ("promote", "manual", "rollback"):
+            stack.append(v)
+        else:
+            raise LoopError(f"{name}: unknown op in champion history event {key}={tags[key][:100]!r}")
+        stack = stack[-HISTORY_MAX:]
+    return stack
+
+
 def _history(c, name: str) -> list[int]:
-    rm = c.get_registered_model(name)
-    return [int(v) for v in json.loads(rm.tags.get(HISTORY_TAG, "[]"))]
+    return _replay(name, c.get_registered_model(name).tags)
 
 
-def _move_alias(c, name: str, version: int) -> None:
-    hist = _history(c, name)
+def champion_history(settings: Settings, name: str) -> list[int]:
+    """The champions, oldest first (at most the last 50), as alias moves and rollbacks left them."""
+    return _history(client(settings), name)
+
+
+def _move_alias(c, name: str, version: int, op: str = "promote") -> None:
+    """Move the alias, then append one event under a fresh key: nothing is read-modify-written."""
     c.set_registered_model_alias(name, CHAMPION, str(version))
-    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps((hist + [version])[-50:]))
+    c.set_registered_model_tag(name, _event_key(), json.dumps({"v": int(version), "op": op}))
 
 
 def record_decision(c, name: str, version: int, decision: str, reason: str, challenger: float | None,
@@ -260,12 +308,19 @@ def gate_and_promote(settings: Settings, spec: Spec, version: int, x_eval: np.nd
     return d
 
 
-def promote(settings: Settings, name: str, version: int, reason: str = "manual") -> None:
-    """Force the champion alias onto a version (recorded as manual)."""
+def promote(settings: Settings, name: str, version: int, reason: str = "manual", force: bool = False) -> None:
+    """Force the champion alias onto a version (recorded as manual); an archived one only with `force` (it is
+    unarchived: it serves again)."""
     c = client(settings)
-    c.get_model_version(name, str(version))  # raises for an unknown version
+    mv = c.get_model_version(name, str(version))  # raises for an unknown version
+    archived = mv.tags.get(ARCHIVED_TAG)
+    if archived and not force:
+        raise LoopError(f"{name} version {version} is archived (on {archived}); promote it with force "
+                        f"(`driftloop promote --force`) to serve it again")
     prev = champion_version(settings, name)
-    _move_alias(c, name, version)
+    _move_alias(c, name, version, "manual")
+    if archived:
+        c.delete_model_version_tag(name, str(version), ARCHIVED_TAG)
     record_decision(c, name, version, "manual", reason, None, None, prev, "")
 
 
@@ -278,19 +333,59 @@ def rollback(settings: Settings, name: str) -> int:
     if not previous:
         raise LoopError(f"{name}: no previous champion to roll back to")
     target = previous[-1]
-    c.set_registered_model_alias(name, CHAMPION, str(target))
-    trimmed = hist[: len(hist) - 1 - hist[::-1].index(target)] + [target] if target in hist else hist + [target]
-    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(trimmed[-50:]))
+    _move_alias(c, name, target, "rollback")
+    if c.get_model_version(name, str(target)).tags.get(ARCHIVED_TAG):  # serving again: no longer archived
+        c.delete_model_version_tag(name, str(target), ARCHIVED_TAG)
     record_decision(c, name, target, "rollback", f"rolled back from version {current}", None, None, current, "")
     return target
 
 
+def _all_versions(c, name: str) -> list:
+    out, token = [], None
+    while True:
+        page = c.search_model_versions(f"name='{name}'", page_token=token)
+        out += page
+        token = page.token
+        if not token:
+            return out
+
+
+def archive_old(settings: Settings, name: str, keep_versions: int, keep_champions: int, dry_run: bool = False) -> list[int]:
+    """Tag as archived (`driftloop.archived`: the UTC time) the versions older than the newest `keep_versions` that are
+    neither the champion, nor one of the last `keep_champions` distinct champions, nor under any other alias.
+
+    Nothing is deleted (lineage stays). Returns the versions archived (that would be, with `dry_run`). A model the
+    registry does not know has nothing to archive; any other registry error raises, never reads as "nothing to archive".
+    """
+    if keep_versions < 1 or keep_champions < 1:
+        raise LoopError(f"keep_versions and keep_champions must be >= 1 (got {keep_versions}, {keep_champions})")
+    c = client(settings)
+    try:
+        rm = c.get_registered_model(name)
+    except Exception as err:
+        if _is_absent(err):
+            return []
+        raise _unavailable(settings, err) from err
+    recent: list[int] = []
+    for v in reversed(_replay(name, rm.tags)):  # the most recent distinct champions
+        if v not in recent and len(recent) < keep_champions:
+            recent.append(v)
+    keep = {*recent, *(int(v) for v in rm.aliases.values())}  # the champion and any other alias's version
+    versions = sorted(_all_versions(c, name), key=lambda m: int(m.version))
+    chosen = [int(mv.version) for mv in versions[:-keep_versions] if int(mv.version) not in keep and not mv.tags.get(ARCHIVED_TAG)]
+    if not dry_run:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for v in chosen:
+            c.set_model_version_tag(name, str(v), ARCHIVED_TAG, now)
+    return chosen
+
+
 def list_versions(settings: Settings, name: str) -> list[dict[str, Any]]:
-    """Every version with its scores, data version, gate decision and whether it is champion."""
+    """Every version with its scores, data version, gate decision, whether it is champion and when it was archived."""
     c = client(settings)
     champ = champion_version(settings, name)
     rows = []
-    for mv in sorted(c.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version)):
+    for mv in sorted(_all_versions(c, name), key=lambda m: int(m.version)):
         t = mv.tags
         rows.append({
             "version": int(mv.version), "champion": int(mv.version) == champ,
@@ -299,7 +394,7 @@ def list_versions(settings: Settings, name: str) -> list[dict[str, Any]]:
             "challenger_score": t.get("gate.challenger_score", ""), "champion_score": t.get("gate.champion_score", ""),
             "run_id": mv.run_id, "drift_event": t.get("lineage.drift_event", ""), "job_id": t.get("lineage.job_id", ""),
             "cause": t.get("lineage.cause", ""), "reference": t.get("reference.source", ""),
-            "created": mv.creation_timestamp,
+            "created": mv.creation_timestamp, "archived": t.get(ARCHIVED_TAG, ""),
         })
     return rows
 

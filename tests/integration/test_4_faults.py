@@ -311,11 +311,11 @@ def test_mlflow_down_during_retraining_fails_cleanly_and_is_retried(settings, tr
         assert f"127.0.0.1:{port}" in reg["error"] and reg["since"]
         # the gate itself, reached while MLflow is down, refuses in one line naming it: nothing promoted, no
         # alias history written (before c984786 an error read as "no champion" and promoted the challenger ungated)
-        history = registry.client(settings).get_registered_model("digits").tags.get(registry.HISTORY_TAG)
+        history = registry.client(settings).get_registered_model("digits").tags  # the alias history is tags
         with pytest.raises(registry.RegistryUnavailable, match=f"127.0.0.1:{port}") as refused:
             registry.gate_and_promote(http_settings, spec, max(versions), np.zeros((4, 64), np.float32), np.zeros(4, int), "t")
         assert "\n" not in str(refused.value)
-        assert registry.client(settings).get_registered_model("digits").tags.get(registry.HISTORY_TAG) == history
+        assert registry.client(settings).get_registered_model("digits").tags == history
         assert registry.champion_version(settings, "digits") == champion
         # the server comes back; the tracker's retry (after its backoff) succeeds
         server = start_mlflow_server(port, settings.tracking_uri, tmp_path / "art")  # back, on the same port

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import sqlite3
+import threading
 
 import pytest
 
 from driftloop import registry
+from driftloop.errors import LoopError
 from driftloop.settings import get_settings
 
 
@@ -37,3 +41,105 @@ def test_an_unreachable_tracking_server_is_an_error_not_no_champion(home, monkey
     s = get_settings()
     with pytest.raises(registry.RegistryUnavailable, match=f"127.0.0.1:{port}"):
         registry.champion_version(s, "digits")
+
+
+# --- champion history (append-only alias-move events) and archiving ---------------------------
+
+
+def _model(s, name: str, n: int):
+    """A registered model with n bare versions (no artifacts: the alias and the tags are all these tests need)."""
+    c = registry.client(s)
+    c.create_registered_model(name)
+    for _ in range(n):
+        c.create_model_version(name, source="file:///tmp/none", run_id=None)
+    return c
+
+
+def test_concurrent_promotions_lose_no_history_entry(home):
+    s = get_settings().ensure()
+    _model(s, "m", 2)
+    registry.promote(s, "m", 1)   # the alias exists: MLflow's first-ever alias write is itself a racy select-then-insert
+    barrier, errors = threading.Barrier(2), []
+
+    def promote_ten(v: int) -> None:
+        try:
+            barrier.wait(30)
+            for _ in range(10):
+                registry.promote(s, "m", v)
+        except Exception as err:  # noqa: BLE001 - surfaced by the assert below
+            errors.append(err)
+
+    threads = [threading.Thread(target=promote_ten, args=(v,)) for v in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    hist = registry._history(registry.client(s), "m")   # a read-modify-write of one JSON tag lost some of these
+    assert sorted(hist) == [1] * 11 + [2] * 10
+    assert registry.champion_version(s, "m") in (1, 2)
+
+
+def test_rollback_twice_goes_back_two_champions_from_a_legacy_history(home):
+    s = get_settings().ensure()
+    c = _model(s, "m", 4)
+    c.set_registered_model_tag("m", registry.HISTORY_TAG, "[1, 2]")   # as the old code left a store
+    c.set_registered_model_alias("m", registry.CHAMPION, "2")
+    registry.promote(s, "m", 3)
+    registry.promote(s, "m", 4)
+    assert registry.champion_history(s, "m") == [1, 2, 3, 4]
+    assert registry.rollback(s, "m") == 3 and registry.champion_history(s, "m") == [1, 2, 3]
+    assert registry.rollback(s, "m") == 2 and registry.champion_history(s, "m") == [1, 2]   # further back, not to 4
+    assert registry.champion_version(s, "m") == 2
+    assert registry.version_tags(s, "m", 2)["gate.decision"] == "rollback"
+    registry.promote(s, "m", 4)
+    assert registry.champion_history(s, "m") == [1, 2, 4]
+    assert registry.rollback(s, "m") == 2 and registry.rollback(s, "m") == 1
+    with pytest.raises(LoopError, match="no previous champion"):
+        registry.rollback(s, "m")
+    assert c.get_registered_model("m").tags[registry.HISTORY_TAG] == "[1, 2]"   # never rewritten
+
+
+def test_history_replays_events_in_key_order_and_keeps_the_last_50():
+    ev = lambda v, op="promote": json.dumps({"v": v, "op": op})  # noqa: E731
+    tags = {registry.HISTORY_TAG: "[7, 8]", "champion_history.0000000000003-aaaaaa": ev(9, "manual"),
+            "champion_history.0000000000001-ffffff": ev(1), "champion_history.0000000000002-000000": ev(7, "rollback"),
+            "champion_history.0000000000004-000000": ev(5, "rollback"), "other": "x"}
+    assert registry._replay("m", tags) == [7, 9, 5]   # rollback to 7 cut [7, 8, 1] to [7]; to an absent 5 appends
+    many = {f"champion_history.{i:013d}-000000": ev(i) for i in range(120)}
+    assert registry._replay("m", many) == list(range(70, 120))
+    with pytest.raises(LoopError, match="unreadable champion history event"):
+        registry._replay("m", {"champion_history.0000000000001-000000": "{"})
+
+
+def test_archive_old_keeps_the_newest_the_champion_and_the_recent_champions(home):
+    s = get_settings().ensure()
+    c = _model(s, "m", 8)
+    for v in (1, 2, 5, 6, 3):                        # champion 3; the last two distinct champions: 3, 6
+        registry.promote(s, "m", v)
+    c.set_registered_model_alias("m", "shadow", "2")  # any other alias keeps its version too
+    assert registry.archive_old(s, "m", keep_versions=2, keep_champions=2, dry_run=True) == [1, 4, 5]
+    assert not any(r["archived"] for r in registry.list_versions(s, "m"))   # dry run: nothing written
+    assert registry.archive_old(s, "m", keep_versions=2, keep_champions=2) == [1, 4, 5]
+    archived = {r["version"]: r["archived"] for r in registry.list_versions(s, "m")}
+    assert {v for v, t in archived.items() if t} == {1, 4, 5}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", archived[4])
+    assert registry.archive_old(s, "m", keep_versions=2, keep_champions=2) == []   # idempotent
+    assert registry.archive_old(s, "nothing-registered", 2, 2) == []
+
+    with pytest.raises(LoopError, match=rf"m version 5 is archived \(on {archived[5]}\); .*--force"):
+        registry.promote(s, "m", 5)
+    assert registry.champion_version(s, "m") == 3
+    registry.promote(s, "m", 5, force=True)
+    assert registry.champion_version(s, "m") == 5
+    assert next(r for r in registry.list_versions(s, "m") if r["version"] == 5)["archived"] == ""   # serves again
+
+
+def test_archive_old_fails_closed_on_a_registry_error(home):
+    s = get_settings().ensure()
+    _model(s, "m", 4)
+    db = s.tracking_uri.removeprefix("sqlite:///")
+    with sqlite3.connect(db) as con:
+        con.execute("ALTER TABLE registered_model_aliases RENAME TO aliases_gone")
+    with pytest.raises(registry.RegistryUnavailable):
+        registry.archive_old(s, "m", keep_versions=1, keep_champions=1)

@@ -220,7 +220,8 @@ class Predictor(PollLoops):
         try:
             await asyncio.to_thread(registry.promote, self.settings, self.spec.name, version, "manual (HTTP)")
         except Exception as err:
-            return _error(404, f"cannot promote version {version}: {str(err).splitlines()[0]}")
+            archived = "is archived" in str(err)  # it exists; promoting it again takes `driftloop promote --force`
+            return _error(409 if archived else 404, f"cannot promote version {version}: {str(err).splitlines()[0]}")
         return {"model": self.spec.name, "champion": version}
 
     @fastapi_app.post("/admin/rollback", summary="Move the champion alias back to the previous champion (bearer token)")

@@ -9,7 +9,6 @@ It fails closed: a registry error is a 503 with one line, never an empty history
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import re
@@ -104,8 +103,7 @@ def read_payload(settings, spec) -> dict[str, Any]:
         history: list[int] = []
         tags: dict[str, str] = {}
         if versions:
-            rm = registry.client(settings).get_registered_model(name)
-            history = [int(v) for v in json.loads(rm.tags.get(registry.HISTORY_TAG, "[]"))]
+            history = registry.champion_history(settings, name)
             champ = next((v["version"] for v in versions if v["champion"]), None)
             tags = registry.version_tags(settings, name, champ) if champ is not None else {}
     except registry.RegistryUnavailable:
