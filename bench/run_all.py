@@ -30,7 +30,7 @@ def main() -> int:
         results |= {k: v for k, v in kept.items() if k not in only and k not in ("machine", "started")}
         results["started"] = kept.get("started", results["started"])
         results["rerun"] = kept.get("rerun", {})
-    for name in ("detection", "footprint", "serving", "training", "loop", "backtest", "live"):
+    for name in ("detection", "footprint", "serving", "training", "loop", "backtest", "live", "soak"):
         if only and name not in only:
             continue
         t = time.perf_counter()
@@ -313,10 +313,70 @@ def render(r: dict) -> str:
         out += [f"| {k} | {v:.1f} |" for k, v in lp.get("onset_to_swap_by_stage_s", {}).items()]
         out += ["", "Target: <= 120 s onset to swap. The figure includes waiting for 600 labelled drifted rows (min_labelled_rows) at the replay's pace.", ""]
     out += _render_backtest(r.get("backtest"), r.get("live"))
-    for name in ("serving", "detection", "footprint", "training", "loop", "backtest", "live"):
+    out += _render_soak(r.get("soak"))
+    for name in ("serving", "detection", "footprint", "training", "loop", "backtest", "live", "soak"):
         if name in r and "error" in r[name]:
             out += [f"**{name} failed:** {r[name]['error']}", ""]
     return "\n".join(out)
+
+
+def _render_soak(sk: dict | None) -> list[str]:
+    """The soak section: start beside end for every figure, then the files per table, the totals and the verdicts."""
+    if not sk or "totals" not in sk:
+        return []
+    t, st, lat, rd, mem, fl = sk["totals"], sk["settings"], sk["latency"], sk["reads"], sk["memory"], sk["files"]
+    tg = sk.get("targets", {})
+    verdict = lambda ok: "pass" if ok else "**miss**"  # noqa: E731
+    num = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+    phases = ", ".join(f"{p['phase']} at {p['at_rows']:,} rows" for p in sk.get("phases", [])) or "none"
+    out = ["## Soak (runs for months)", "",
+           f"The served digits app over HTTP ({st['transport']}, {st['concurrency']} clients): {t['predictions']:,} predictions "
+           f"({st['rows_per_request']} rows per /predict, {t['rows_per_s']:.0f} rows/s) and {t['labels']:,} labels (one per "
+           f"/feedback, {t['labels_per_s']:.1f}/s) in {t['soak_s']:.0f} s; drift phases: {phases}; {t['retrain_succeeded']} of "
+           f"{t['retrain_jobs']} retraining jobs succeeded ({t['retrain_promoted']} promoted). Wall time {t['wall_s']:.0f} s "
+           f"(set-up {t['setup_s']:.0f} s, waiting for jobs {t['job_wait_s']:.0f} s)"
+           + (f"; **the soak hit its {st['soak_cap_s']:.0f} s cap**" if t.get("capped") else "") + ".", "",
+           "Start = after the warm-up, end = after the soak (both with no retraining job running); memory: start = median "
+           "of the soak's 2nd tenth, end = median of its last tenth.", "",
+           "| figure | start | end | end/start | target | verdict |", "|---|---|---|---|---|---|"]
+    for ep in ("predict", "feedback"):
+        for q in ("p50", "p99"):
+            ratio = lat.get(f"{ep}_{q}_ratio_end_over_start")
+            out.append(f"| /{ep} {q} ms ({lat['start'][ep]['n']} sequential) | {num(lat['start'][ep][f'{q}_ms'], '{:.1f}')} | "
+                       f"{num(lat['end'][ep][f'{q}_ms'], '{:.1f}')} | {num(ratio)} | <= {lat['target_ratio']:g}x | "
+                       f"{verdict(ratio is not None and ratio <= lat['target_ratio'])} |")
+    lr, db = rd["labelled_rows"], rd["data_build"]
+    ratio = lr["seconds_ratio_end_over_start"]
+    out.append(f"| labelled rows read as a job does, s (rows) | {lr['start']['seconds']:.3f} ({lr['start']['rows']:,}) | "
+               f"{lr['end']['seconds']:.3f} ({lr['end']['rows']:,}) | {num(ratio)} | <= {rd['target_ratio']:g}x | "
+               f"{verdict(ratio is not None and ratio <= rd['target_ratio'])} |")
+    ratio = db["seconds_ratio_last_over_first"]
+    first, last = db.get("first") or {}, db.get("last") or {}
+    out.append(f"| retraining job data_build_s, first job vs last ({db['jobs']} jobs) | {num(first.get('data_build_s'))} | "
+               f"{num(last.get('data_build_s'))} | {num(ratio)} | <= {rd['target_ratio']:g}x | "
+               f"{verdict(ratio is not None and ratio <= rd['target_ratio'])} |")
+    for name, a in mem["actors"].items():
+        growth = a.get("growth_pct")
+        out.append(f"| RSS MiB, {name} (max after warm-up {num(a.get('max_mib'), '{:.0f}')}) | {num(a.get('level_mib'), '{:.0f}')} | "
+                   f"{num(a.get('end_mib'), '{:.0f}')} | {num(None if growth is None else 1 + growth / 100, '{:.3f}')} | "
+                   f"<= +{mem['target_growth_pct']:g} % | {verdict(a.get('within_target'))} |")
+    out += ["", f"Data files of the log tables (active in the current version / stored on disk); the monitor's scheduled "
+            f"maintenance every {st['maintenance_every_s']:g} s ran {(fl.get('monitor_maintenance') or {}).get('runs', '?')} times"
+            + (f" (last error: {fl['monitor_maintenance']['error']})" if (fl.get("monitor_maintenance") or {}).get("error") else "")
+            + (f"; the final maintenance failed: {fl['final_maintain']['error']}" if "error" in (fl.get("final_maintain") or {}) else "")
+            + ".", "",
+            "| table | start | max stored, 1st half | max stored, 2nd half | end, before maintenance | after maintenance | verdict |",
+            "|---|---|---|---|---|---|---|"]
+    pair = lambda c: "-" if not c or "active" not in c else f"{c['active']} / {c['stored']}"  # noqa: E731
+    for kind, e in fl["tables"].items():
+        ok = e.get("bounded") and e.get("small_after_maintain")
+        out.append(f"| {kind} | {pair(e.get('start'))} | {num(e.get('max_stored_first_half'), '{}')} | "
+                   f"{num(e.get('max_stored_second_half'), '{}')} | {pair(e.get('end'))} | {pair(e.get('after_maintain'))} | "
+                   f"{verdict(ok)}{' (' + e['error'] + ')' if e.get('error') else ''} |")
+    out += ["", "| target | measured | verdict |", "|---|---|---|"]
+    for name, v in tg.items():
+        out.append(f"| {name}: {v['target']} | {v['measured'].replace('|', '/')} | {verdict(v['pass'])} |")
+    return out + [""]
 
 
 def _render_backtest(bt: dict | None, live: dict | None = None) -> list[str]:
