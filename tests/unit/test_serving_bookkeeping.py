@@ -51,6 +51,7 @@ def bare_monitor(settings, spec):
     m.core.version = 1  # serving version 1, no detectors
     m.known, m.log_buffer, m.pending_labels, m._label_writer = BoundedMap(KNOWN_IDS), [], [], None
     m.feedback_count, m.dropped_reported, m._dirty, m._tasks, m._lock = 0, 0, False, [object()], asyncio.Lock()
+    m._persist_lock = asyncio.Lock()
     m.m_acc, m.m_dropped, m.m_samples, m.m_log_dropped = Metric(), Metric(), Metric(), Metric()
     m._init_feedback_state("digits")
     counted = []
@@ -91,6 +92,29 @@ def test_a_repeated_label_is_idempotent_and_a_different_one_is_refused(served):
     assert other["status"] == 409 and "already has label 3" in other["error"] and other["label"] == 3
     assert m.counted == [1] and m.feedback_count == 1 and len(m.correct[1]) == 1
     assert feedback_rows(settings, spec, rid) == 1
+
+
+def test_a_batch_of_labels_is_decided_label_by_label_and_committed_together(served):
+    """POST /feedback {"labels": [...]}: each label answered as it would be alone; the new ones share commits."""
+    from driftloop.data import logs, tables
+
+    settings, spec = served
+    m = bare_monitor(settings, spec)
+    fresh = [issue() for _ in range(40)]
+    for rid in fresh:
+        m.known[rid] = (1, 3)
+    seen = issue()
+    m.known[seen] = (1, 3)
+    asyncio.run(m.feedback(seen, 3))
+    unknown = issue(age_s=3600)  # never served here, too old to be still on its way
+    uri = logs.uris(settings, spec)["feedback"]
+    before = tables.data_version(uri).version
+    out = asyncio.run(m.feedback_many([(r, 3) for r in fresh] + [(seen, 3), (unknown, 1)]))
+    assert [r["status"] for r in out] == [200] * 41 + [404]
+    assert not any(r["duplicate"] for r in out[:40]) and out[40]["duplicate"] is True
+    assert m.counted.count(1) == 41 and m.feedback_count == 41
+    assert all(feedback_rows(settings, spec, r) == 1 for r in fresh)
+    assert tables.data_version(uri).version - before <= 2, "the batch's new labels share the group commit"
 
 
 def test_simultaneous_labels_for_one_id_count_once(served):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ def save(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, **{META: np.frombuffer(json.dumps(meta, default=float).encode(), dtype=np.uint8)}, **arrays)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # one per write, even within a process
     with open(tmp, "wb") as f:
         f.write(buf.getvalue())
         f.flush()

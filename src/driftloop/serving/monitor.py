@@ -59,6 +59,7 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
         self.replica_started_at = self.first_started_at
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
+        self._persist_lock = asyncio.Lock()
         self.maintenance: dict = {"runs": 0, "every_s": self.spec.lifecycle.maintenance_every_s}
         self._maintenance_task: asyncio.Task | None = None
         self._maintained_at = time.monotonic()  # the first pass comes one interval after the replica starts

@@ -42,11 +42,12 @@ class MonitorState:
         """Snapshot under the detectors' lock (so no window is half-added), write off the event loop."""
         from driftloop.drift import state
 
-        async with self._lock:
-            self._dirty = False
-            meta, arrays = self._snapshot()
-        await asyncio.to_thread(state.save, self.state_path, meta, arrays)
-        self.persisted_at = meta["saved_at"]
+        async with self._persist_lock:  # one write at a time, in snapshot order: an older one never lands last
+            async with self._lock:
+                self._dirty = False
+                meta, arrays = self._snapshot()
+            await asyncio.to_thread(state.save, self.state_path, meta, arrays)
+            self.persisted_at = meta["saved_at"]
 
     def _restore_state(self) -> None:
         """Resume where the last replica stopped. Labels committed after the snapshot are counted from the
