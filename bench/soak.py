@@ -2,7 +2,7 @@
 retraining, and what a long run must not do: grow resident memory, pile up files, get slower to answer or to read.
 
 One app (Predictor + DriftMonitor, Serve's proxy in front) takes at least PREDICTIONS rows in batched /predict
-requests and LABELS labels (one /feedback per label, each for a row of the batch just answered), from CONCURRENCY
+requests and LABELS labels (one batched /feedback per /predict, for rows of the batch just answered), from CONCURRENCY
 closed-loop clients. The stream alternates clean digits and corrupted ones (noise:3, blur:3, as in the backtest's
 digits phases) at fixed points of the run (ONSETS: fractions of PREDICTIONS, or of SOAK_CAP_S when that comes
 first), so the monitor's drift triggers the retraining jobs: at least MIN_RETRAINS must succeed. The run stops when
@@ -213,8 +213,8 @@ class _Traffic:
 
 
 async def _traffic(urls: list[str], pools: dict, st: _Traffic, control) -> None:
-    """CONCURRENCY closed-loop clients until `control` sets st.stop: a batch to /predict, then labels for
-    LABELS_PER_REQUEST of its rows to /feedback, one request each."""
+    """CONCURRENCY closed-loop clients until `control` sets st.stop: a batch to /predict, then the labels of
+    LABELS_PER_REQUEST of its rows in one /feedback batch."""
     import httpx
 
     async def worker(client, i: int) -> None:
@@ -238,15 +238,17 @@ async def _traffic(urls: list[str], pools: dict, st: _Traffic, control) -> None:
                 await asyncio.sleep(0.5)
                 continue
             st.predictions += len(preds)
-            for j in range(min(LABELS_PER_REQUEST, len(preds))):
-                try:
-                    fr = await client.post(f"{url}/feedback", json={"request_id": preds[j]["id"], "label": int(ys[j])})
-                    code = fr.status_code
-                except httpx.HTTPError:
-                    code = 599
-                st.feedback_requests += 1
-                st.feedback_status[code] = st.feedback_status.get(code, 0) + 1
-                st.labels += code == 200
+            n = min(LABELS_PER_REQUEST, len(preds))  # a labelling pipeline's batch: one /feedback for n labels
+            batch = [{"request_id": preds[j]["id"], "label": int(ys[j])} for j in range(n)]
+            try:
+                fr = await client.post(f"{url}/feedback", json={"labels": batch})
+                code = fr.status_code
+                recorded = fr.json().get("statuses", {}).get("200", 0) if code == 200 else 0
+            except (httpx.HTTPError, ValueError):
+                code, recorded = 599, 0
+            st.feedback_requests += 1
+            st.feedback_status[code] = st.feedback_status.get(code, 0) + 1
+            st.labels += recorded
 
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
     t = time.monotonic()
@@ -622,7 +624,7 @@ def _targets(r: dict) -> dict:
 
     add("predictions", f">= {PREDICTIONS:,}", t["predictions"] >= PREDICTIONS,
         f"{t['predictions']:,} rows in {t['predict_requests']:,} requests ({t['rows_per_s']}/s)")
-    add("labels", f">= {LABELS:,}", t["labels"] >= LABELS, f"{t['labels']:,} of {t['feedback_requests']:,} /feedback ({t['labels_per_s']}/s)")
+    add("labels", f">= {LABELS:,}", t["labels"] >= LABELS, f"{t['labels']:,} in {t['feedback_requests']:,} batched /feedback requests ({t['labels_per_s']}/s)")
     add("retrains", f">= {MIN_RETRAINS} succeeded, triggered by drift", r["jobs"]["succeeded_drift_triggered"] >= MIN_RETRAINS,
         f"{t['retrain_succeeded']} succeeded of {t['retrain_jobs']} ({r['jobs']['succeeded_drift_triggered']} triggered by drift, "
         f"{t['retrain_promoted']} promoted)")

@@ -187,6 +187,14 @@ def test_every_row_of_a_batch_can_be_labelled(app):
         assert r.status_code == 200 and r.json()["prediction"] == p["prediction"] and not r.json()["duplicate"], r.text
     r = httpx.post(f"{app}/feedback", json={"request_id": body["request_id"], "label": 1}, timeout=30)
     assert r.status_code == 422 and "label each row by its id" in r.json()["error"]
+    # a labelling pipeline sends them in one request: each answered as alone, the repeats as duplicates
+    more = httpx.post(f"{app}/predict", json={"rows": rows_of(examples.builtin("digits").pool.iloc[104:112])}, timeout=30).json()
+    batch = [{"request_id": p["id"], "label": int(y)} for p, y in zip(more["predictions"], examples.builtin("digits").pool["digit"][104:112])]
+    r = httpx.post(f"{app}/feedback", json={"labels": batch + [{"request_id": body["predictions"][0]["id"], "label": int(pool["digit"].iloc[0])}]}, timeout=30)
+    assert r.status_code == 200 and r.json()["recorded"] == 8 and r.json()["statuses"] == {"200": 9}, r.text
+    assert r.json()["results"][8]["duplicate"] is True
+    r = httpx.post(f"{app}/feedback", json={"labels": batch[:2] + [{"request_id": "x", "label": 1}]}, timeout=30)
+    assert r.status_code == 422 and r.json()["error"].startswith("labels[2]: request_id"), r.text
     r = httpx.post(f"{app}/feedback", json={"request_id": f"{body['request_id']}-4", "label": 1}, timeout=30)
     assert r.status_code == 422 and "row 4 does not exist in a batch of 4 rows" in r.json()["error"]
 
@@ -405,3 +413,22 @@ def test_grafana_dashboard_queries_only_metrics_the_app_exports(app, ray_cluster
         ours = sorted({ln.split("{", 1)[0] for ln in text.splitlines() if "driftloop" in ln and not ln.startswith("#")})
         raise AssertionError(f"the dashboard queries metrics the app does not export: {sorted(missing())}; "
                              f"exported driftloop metrics: {ours}") from None
+
+
+def test_scheduled_maintenance_compacts_the_logs_while_serving(app, settings, trained):
+    """The monitor's own maintenance pass (every 10 s in this module's spec) ran beside all of the traffic above,
+    without an error: the logs' day partitions are compacted to a file or two each while appends go on."""
+    from driftloop.data import logs, maintenance, tables
+
+    spec, _ = trained
+    n = drift(app)["maintenance"].get("runs", 0)
+    wait_for(lambda: drift(app)["maintenance"].get("runs", 0) > n, 60, what="one more scheduled maintenance pass")
+    m = drift(app)["maintenance"]
+    assert "error" not in m, m
+    rep = m["last"]["tables"]["inference"]
+    print("scheduled maintenance:", m["runs"], "runs; inference log", rep)
+    uri = logs.uris(settings, spec)["inference"]
+    commits = len(tables._table(uri).history())
+    days = tables.read(uri, columns=["day"])["day"].nunique()
+    assert commits > 20 and rep["files_after"] <= 2 * days, (commits, days, rep)
+    assert maintenance.file_counts(uri)["active"] <= rep["files_after"] + 20  # only appends since that pass

@@ -84,6 +84,26 @@ def test_good_feedback():
     assert parse_feedback({"request_id": RID, "label": 3.0}, list(range(10))) == (RID, 3)
 
 
+def test_a_batch_of_labels_is_checked_item_by_item():
+    from driftloop.serving.ids import row_ids
+    from driftloop.serving.validation import MAX_LABELS_PER_REQUEST, parse_feedback_any
+
+    ids = row_ids(issue(b"k" * 32, 3, 4), 4)
+    assert parse_feedback_any({"labels": [{"request_id": r, "label": i} for i, r in enumerate(ids)]}, list(range(10))) \
+        == [(r, i) for i, r in enumerate(ids)]
+    assert parse_feedback_any({"request_id": RID, "label": 3}, list(range(10))) == [(RID, 3)]
+    bad = [({"labels": []}, "labels: must be a non-empty list", 422),
+           ({"labels": [{"request_id": ids[0], "label": 1}, {"request_id": ids[1], "label": 12}]},
+            "labels[1]: label: 12 is not one of the model's classes", 422),
+           ({"labels": [{"request_id": ids[0], "label": 1}] * 2}, "the same request_id appears twice", 422),
+           ({"labels": [{"request_id": ids[0], "label": 1}], "x": 1}, "unknown field 'x'", 422),
+           ({"labels": [{"request_id": RID, "label": 1}] * (MAX_LABELS_PER_REQUEST + 1)}, "at most 1000", 413)]
+    for payload, message, status in bad:
+        with pytest.raises(InvalidInput) as err:
+            parse_feedback_any(payload, list(range(10)))
+        assert message in str(err.value) and err.value.status == status
+
+
 def test_every_row_id_of_a_batch_passes_the_shape_check():
     """Defect 1: /predict issues `<id>-<i>` for the rows of a batch; /feedback refused them (32 hex chars only)."""
     from driftloop.serving.ids import row_ids

@@ -19,7 +19,12 @@ from driftloop.serving.common import (ADMIN_TOKEN_ENV, FEEDBACK_BURST, FEEDBACK_
                                       HEALTH_CHECK_PERIOD_S, POLL_S, PREDICT_TOKEN_ENV, ChampionWatcher, PollLoops, _app_name,
                                       _authorised, _error, _load_champion, _read_body, _token, log)
 from driftloop.serving.limits import Reservoir, TokenBuckets
-from driftloop.serving.validation import MAX_BODY_BYTES, InvalidInput, parse_feedback, parse_json, parse_rows, request_schema
+from driftloop.serving.validation import (MAX_BODY_BYTES, MAX_LABELS_PER_REQUEST, InvalidInput, parse_feedback_any, parse_json,
+                                          parse_rows, request_schema)
+
+FEEDBACK_BODY_BYTES = 200 * MAX_LABELS_PER_REQUEST  # an id and a label are well under 200 bytes
+LABELS_PER_TOKEN = 100  # a batch of labels costs the rate limit one token per this many (a single label: one)
+
 
 fastapi_app = FastAPI(title="driftloop", description="Predictions with drift monitoring, feedback and model lineage.")
 
@@ -147,28 +152,47 @@ class Predictor(PollLoops):
         rows = [{"id": i, "prediction": int(p), "probabilities": [round(float(q), 6) for q in pr]} for i, p, pr in zip(ids, preds, proba)]
         return {"request_id": rid, "model": self.spec.name, "model_version": version, "predictions": rows}
 
-    @fastapi_app.post("/feedback", summary="Record the ground-truth label of a served row")
+    @fastapi_app.post("/feedback", summary="Record the ground-truth label of a served row, or a batch of labels")
     async def feedback(self, request: Request):
         self._ensure_tasks()
         client = request.client.host if request.client else "unknown"
-        if not self.feedback_limits.allow(client):
-            lim = self.feedback_limits
-            return _error(429, f"too many /feedback requests from {client}: at most {lim.rate:g}/s (burst {lim.burst:g}); "
-                               "retry later", {"Retry-After": "1"})
+        lim = self.feedback_limits
+
+        def too_many() -> JSONResponse:
+            return _error(429, f"too many /feedback requests from {client}: at most {lim.rate:g}/s (burst {lim.burst:g}; "
+                               f"a batch costs one more per {LABELS_PER_TOKEN} labels); retry later", {"Retry-After": "1"})
+
+        if not lim.allow(client):  # before reading the body: a flood costs no parsing
+            return too_many()
         try:
-            rid, label = parse_feedback(parse_json(await _read_body(request, 10_000), 10_000), self.spec.dataset.classes)
-            issued = request_ids.verify(self.id_secret, rid, max_age=self.id_max_age_s)  # forged or expired: no lookup
+            items = parse_feedback_any(parse_json(await _read_body(request, FEEDBACK_BODY_BYTES), FEEDBACK_BODY_BYTES),
+                                       self.spec.dataset.classes)
         except InvalidInput as err:
             return _error(err.status, str(err))
-        if time.time() - issued.issued_at < FRESH_ID_S:
-            await self._flush()  # the row may still be in this replica's buffer
+        if len(items) >= LABELS_PER_TOKEN and not lim.allow(client, len(items) // LABELS_PER_TOKEN):
+            return too_many()
+        issued = []
+        for i, (rid, _) in enumerate(items):  # forged or expired: refused at once, no lookup (a batch names the item)
+            try:
+                issued.append(request_ids.verify(self.id_secret, rid, max_age=self.id_max_age_s))
+            except InvalidInput as err:
+                return _error(err.status, f"labels[{i}]: {err}" if len(items) > 1 else str(err))
+        if time.time() - min(i.issued_at for i in issued) < FRESH_ID_S:
+            await self._flush()  # a row may still be in this replica's buffer
         try:
-            res = await self.monitor.feedback.remote(rid, label)
+            results = await self.monitor.feedback_many.remote(items)
         except Exception as err:
-            log.error("feedback for %s not recorded: %s", rid, type(err).__name__)
-            return _error(503, "label not recorded (feedback store unavailable); retry later")
-        status = res.pop("status")
-        return JSONResponse(res, status_code=status)
+            log.error("feedback for %s not recorded: %s", items[0][0], type(err).__name__)
+            return _error(503, f"{'label' if len(items) == 1 else 'labels'} not recorded (feedback store unavailable); retry later")
+        if len(items) == 1:
+            res = results[0]
+            status = res.pop("status")
+            return JSONResponse(res, status_code=status)
+        counts = {}
+        for r in results:
+            counts[str(r["status"])] = counts.get(str(r["status"]), 0) + 1
+        return JSONResponse({"results": results, "statuses": counts,
+                             "recorded": sum(1 for r in results if r["status"] == 200 and not r.get("duplicate"))})
 
     @fastapi_app.get("/drift", summary="Drift monitor state: windows, detector results, policy, retraining")
     async def drift(self):

@@ -17,13 +17,14 @@ class TokenBuckets:
         self.rate, self.burst, self.max_clients, self.clock = float(rate), float(burst), max_clients, clock
         self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, at)
 
-    def allow(self, client: str) -> bool:
-        """Take one token for CLIENT; False when its bucket is empty (the map forgets the least recent clients)."""
+    def allow(self, client: str, cost: float = 1.0) -> bool:
+        """Take COST tokens (one per request by default) for CLIENT; False when its bucket holds fewer (the map
+        forgets the least recent clients)."""
         now = self.clock()
         tokens, at = self.buckets.pop(client, (self.burst, now))
         tokens = min(self.burst, tokens + (now - at) * self.rate)
-        ok = tokens >= 1.0
-        self.buckets[client] = (tokens - 1.0 if ok else tokens, now)
+        ok = tokens >= cost
+        self.buckets[client] = (tokens - cost if ok else tokens, now)
         while len(self.buckets) > self.max_clients:
             self.buckets.popitem(last=False)
         return ok

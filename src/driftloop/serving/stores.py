@@ -81,6 +81,11 @@ class RowStores:
             del self._labelling[request_id]
             done.set_result(None)
 
+    async def feedback_many(self, items: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        """Labels of a batch, decided together: their commits share the group commit's appends; each result is
+        what /feedback would answer for that label alone."""
+        return list(await asyncio.gather(*(self.feedback(rid, label) for rid, label in items)))
+
     async def _label_once(self, rid: request_ids.RequestId, label: int) -> dict[str, Any]:
         """Decide one label while no other label of the same id is being decided."""
         request_id = rid.request_id

@@ -112,6 +112,33 @@ def parse_feedback(payload: Any, classes: list[int]) -> tuple[str, int]:
     return rid, int(label)
 
 
+MAX_LABELS_PER_REQUEST = 1000
+
+
+def parse_feedback_any(payload: Any, classes: list[int]) -> list[tuple[str, int]]:
+    """One label (`{"request_id", "label"}`) or a batch (`{"labels": [{"request_id", "label"}, ...]}`, at most
+    MAX_LABELS_PER_REQUEST): the (id, label) pairs; a bad item is refused naming its index, and nothing is recorded."""
+    if not (isinstance(payload, dict) and "labels" in payload):
+        return [parse_feedback(payload, classes)]
+    extra = set(payload) - {"labels"}
+    if extra:
+        raise InvalidInput(f"unknown field {sorted(extra)[0]!r}: a batch is {{\"labels\": [{{\"request_id\": ..., \"label\": ...}}, ...]}}")
+    items = payload["labels"]
+    if not isinstance(items, list) or not items:
+        raise InvalidInput("labels: must be a non-empty list of {\"request_id\", \"label\"} objects")
+    if len(items) > MAX_LABELS_PER_REQUEST:
+        raise InvalidInput(f"labels: {len(items)} labels in one request; at most {MAX_LABELS_PER_REQUEST}", 413)
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(parse_feedback(item, classes))
+        except InvalidInput as err:
+            raise InvalidInput(f"labels[{i}]: {err}", err.status) from None
+    if len({rid for rid, _ in out}) < len(out):
+        raise InvalidInput("labels: the same request_id appears twice in one batch")
+    return out
+
+
 async def read_limited(chunks: AsyncIterator[bytes], max_bytes: int = MAX_BODY_BYTES) -> bytes:
     """Read a body chunk by chunk and stop at the limit: a chunked body (no content-length) is never buffered whole."""
     body = bytearray()
