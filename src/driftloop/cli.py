@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -126,6 +127,33 @@ def data_show(
     typer.echo(df.head(limit).to_string())
 
 
+@app.command("init")
+@clean_errors
+def init_cmd(
+    data: Path = typer.Argument(..., help="your table: a CSV or Parquet file"),
+    label: str = typer.Option(..., "--label", help="the column to predict"),
+    name: Optional[str] = typer.Option(None, "--name", help="model, table and app name (default: the file's name)"),
+    time_column: Optional[str] = typer.Option(None, "--time-column", help="a time column kept beside the features"),
+    task: str = typer.Option("classification", "--task", help="classification (regression: not supported yet)"),
+    force: bool = typer.Option(False, "--force", help="replace existing configs/NAME.yaml and serve_configs/NAME.yaml"),
+) -> None:
+    """Write configs/NAME.yaml and serve_configs/NAME.yaml from a file: features, classes, split and drift window
+    inferred, each choice commented. Then: `driftloop data ingest FILE --table NAME`, `driftloop sweep
+    configs/NAME.yaml`, `driftloop serve serve_configs/NAME.yaml`."""
+    from driftloop.init import InitError, infer, write
+
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", name):
+        raise InitError(f"--name {name!r}: use letters, digits, _ and - only")
+    inf = infer(str(data), label, name, time_column, task)
+    spec_path, serve_path = write(inf, Path.cwd(), force)
+    typer.echo(f"wrote {spec_path.relative_to(Path.cwd())} ({len(inf.features)} features, classes {inf.classes}, "
+               f"window {inf.window}) and {serve_path.relative_to(Path.cwd())}")
+    if inf.skipped:
+        typer.echo(f"not used as features: {', '.join(f'{c} ({w})' for c, w in inf.skipped.items())}")
+    typer.echo(f"next: driftloop data ingest {data} --table {inf.name} && driftloop sweep {spec_path.relative_to(Path.cwd())} "
+               f"&& driftloop serve {serve_path.relative_to(Path.cwd())}")
+
+
 @app.command("sweep")
 @clean_errors
 def sweep_cmd(
@@ -219,17 +247,42 @@ def serve_cmd(
 def replay_cmd(
     app_name: str = typer.Argument(..., metavar="APP", help="application name (route prefix), e.g. digits"),
     scenario: str = typer.Option("clean", "--scenario", help="clean | corrupt:KIND:SEVERITY (noise, blur, contrast, shift, dropout; 1-5)"),
-    rows: int = typer.Option(500, "--rows", min=1, max=1_000_000),
+    source: Optional[Path] = typer.Option(None, "--from", help="replay this CSV/Parquet file in file order instead of a built-in example"),
+    rows: Optional[int] = typer.Option(None, "--rows", min=1, max=1_000_000, help="rows to send (default 500; with --from: the rest of the file)"),
+    start: int = typer.Option(0, "--start", min=0, help="with --from: the first row to send"),
     rps: float = typer.Option(50.0, "--rps", min=0.1, max=10_000),
     labels: bool = typer.Option(False, "--labels", help="post each row's ground truth to /feedback"),
+    label_delay: int = typer.Option(0, "--label-delay", min=0, help="send a row's label once this many later rows were answered"),
     url: str = typer.Option("http://127.0.0.1:8000", "--url", envvar="DRIFTLOOP_SERVE_URL"),
     seed: int = typer.Option(0, "--seed"),
     batch: int = typer.Option(1, "--batch", min=1, max=256, help="rows per /predict request (each row is labelled under its own id)"),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="with --from: the app's spec (default configs/APP.yaml)"),
 ) -> None:
-    """Send real HTTP traffic from the examples (with a corruption from the first row) and print what came back."""
-    from driftloop.replay import replay
+    """Send real HTTP traffic, from the examples (with a corruption from the first row) or from your own file in
+    file order (--from), and print what came back."""
+    import asyncio
 
-    rep = replay(url, app_name, scenario, rows, rps, labels, seed, batch=batch)
+    from driftloop.replay import replay, replay_async
+
+    if source is None:
+        rep = replay(url, app_name, scenario, rows or 500, rps, labels, seed, batch=batch, label_delay=label_delay)
+    else:
+        from driftloop.config import load_spec
+        from driftloop.data.ingest import load_source
+        from driftloop.errors import LoopError
+
+        sp = load_spec(spec or Path("configs") / f"{app_name}.yaml")
+        df = load_source(str(source))
+        missing = [c for c in sp.dataset.features if c not in df.columns]
+        if missing:
+            raise LoopError(f"{source}: missing feature column(s) of {sp.name}: {', '.join(missing[:5])}")
+        if labels and sp.dataset.label not in df.columns:
+            raise LoopError(f"{source}: --labels needs the label column {sp.dataset.label!r}")
+        if start >= len(df):
+            raise LoopError(f"--start {start}: {source} has {len(df)} rows")
+        df = df.iloc[start: start + rows if rows else None].reset_index(drop=True)
+        rep = asyncio.run(replay_async(url, app_name, df, sp.dataset.features, sp.dataset.label, rps, labels, batch=batch,
+                                       label_delay=label_delay))
     typer.echo(json.dumps(rep.summary()))
     if rep.failed:
         raise typer.Exit(1)

@@ -7,6 +7,7 @@ from driftloop.config import SpecError
 from driftloop.data.ingest import SourceError
 from driftloop.data.tables import TableError
 from driftloop.data.validation import ValidationFailed
+from driftloop.init import InitError
 from driftloop.replay import ScenarioError
 
 
@@ -14,4 +15,4 @@ class LoopError(RuntimeError):
     """A step of the loop that cannot go on (no champion yet, unknown model, …)."""
 
 
-UserError = (SpecError, SourceError, TableError, ValidationFailed, LoopError, ScenarioError, BacktestError)
+UserError = (SpecError, SourceError, TableError, ValidationFailed, LoopError, ScenarioError, BacktestError, InitError)

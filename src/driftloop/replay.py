@@ -78,11 +78,12 @@ class ReplayReport:
 async def replay_async(
     url: str, app: str, df: pd.DataFrame, features: list[str], label: str, rps: float, labels: bool = False,
     concurrency: int = 16, headers: dict[str, str] | None = None, on_response: Callable[[int, dict], None] | None = None,
-    keep_responses: bool = False, timeout: float = 30.0, batch: int = 1,
+    keep_responses: bool = False, timeout: float = 30.0, batch: int = 1, label_delay: int = 0,
 ) -> ReplayReport:
     """Send the rows in order at a paced rate (rows per second; open loop, bounded in count and time), `batch`
     rows per `/predict` request (one row: `{"row": …}`, more: `{"rows": […]}`). Counts are per row; with
-    `labels`, each row's ground truth goes to `/feedback` under its own id."""
+    `labels`, each row's ground truth goes to `/feedback` under its own id, at once or, with `label_delay` N,
+    once row i + N has been answered (as labels arrive later in production; the rest at the end)."""
     import httpx
 
     if batch < 1:
@@ -93,6 +94,13 @@ async def replay_async(
     xs = df[features].to_numpy(dtype=float)
     ys = df[label].to_numpy() if label in df.columns else None
     t0 = time.monotonic()
+
+    waiting: dict[int, str] = {}  # answered rows whose label is not sent yet (label_delay)
+
+    async def label(client: httpx.AsyncClient, i: int, rid: str) -> None:
+        fr = await client.post(f"{base}/feedback", json={"request_id": rid, "label": int(ys[i])})
+        if fr.status_code == 200:
+            rep.labelled += 1
 
     async def one(client: httpx.AsyncClient, idx: range) -> None:
         async with sem:
@@ -121,9 +129,9 @@ async def replay_async(
                     rep.correct += int(pred == int(ys[i]))
                     if labels:
                         rid = data["request_id"] if batch == 1 else data["predictions"][j]["id"]
-                        fr = await client.post(f"{base}/feedback", json={"request_id": rid, "label": int(ys[i])})
-                        if fr.status_code == 200:
-                            rep.labelled += 1
+                        waiting[i] = rid
+                        for k in sorted(k for k in waiting if k <= i - label_delay):
+                            await label(client, k, waiting.pop(k))
                 if on_response:
                     on_response(i, data if batch == 1 else {**data, "request_id": data["predictions"][j]["id"],
                                                            "predictions": [data["predictions"][j]]})
@@ -140,6 +148,8 @@ async def replay_async(
             tasks.append(asyncio.create_task(one(client, idx)))
             rep.sent += len(idx)
         await asyncio.gather(*tasks)
+        for k in sorted(waiting):  # the stream ended: the labels still owed
+            await label(client, k, waiting.pop(k))
     rep.seconds = time.monotonic() - t0
     return rep
 

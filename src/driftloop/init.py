@@ -1,0 +1,222 @@
+"""`driftloop init DATA --label COL`: a user's own table -> a model spec and a Serve config, every inferred choice
+commented, ready for `data ingest`, `sweep` and `serve`. Both files are written whole or not at all."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from driftloop.data.ingest import SourceError, load_source
+
+MAX_CLASSES = 50  # an integer label with more distinct values than this looks like a quantity, not a class
+
+
+class InitError(ValueError):
+    """A file `init` cannot turn into a spec; the message is one line naming the problem."""
+
+
+@dataclass(frozen=True)
+class Inferred:
+    name: str
+    source: str
+    label: str
+    features: list[str]
+    skipped: dict[str, str]  # column -> why it is not a feature
+    classes: list[int]
+    counts: dict[int, int]
+    time_column: str | None
+    rows: int
+    window: int
+    reference_rows: int
+    hidden: list[int]
+    batch_size: int
+
+
+def _name_of(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", path.stem) or "model"
+
+
+def infer(data: str, label: str, name: str | None = None, time_column: str | None = None,
+          task: str = "classification") -> Inferred:
+    """Read the file and infer a classification spec; InitError names what makes it unusable."""
+    if task != "classification":
+        raise InitError(f"--task {task}: not supported yet (driftloop trains classifiers; regression is planned)")
+    path = Path(data)
+    if not path.is_file():
+        raise InitError(f"{data}: no such file")
+    try:
+        df = load_source(str(path))
+    except SourceError as err:
+        raise InitError(str(err)) from None
+    if df.empty or len(df.columns) < 2:
+        raise InitError(f"{data}: no rows or fewer than two columns: nothing to learn from")
+    if label not in df.columns:
+        raise InitError(f"--label {label!r} is not a column of {data} (columns: {', '.join(map(str, df.columns[:12]))}"
+                        f"{' …' if len(df.columns) > 12 else ''})")
+    if time_column is not None and time_column not in df.columns:
+        raise InitError(f"--time-column {time_column!r} is not a column of {data}")
+    y = df[label]
+    if y.isna().any():
+        raise InitError(f"label {label!r} has {int(y.isna().sum())} missing value(s): label every row, or drop those rows")
+    if y.nunique() < 2:
+        raise InitError(f"label {label!r} is constant ({y.iloc[0]!r}): a classifier needs at least two classes")
+    if not (pd.api.types.is_integer_dtype(y) or (pd.api.types.is_float_dtype(y) and np.all(np.mod(y.to_numpy(), 1) == 0))):
+        raise InitError(f"label {label!r} is not integer (dtype {y.dtype}, e.g. {y.iloc[0]!r}): driftloop's classes are "
+                        "integers for now; map the labels to 0..K-1 first")
+    classes = sorted(int(v) for v in y.unique())
+    if len(classes) > MAX_CLASSES:
+        raise InitError(f"label {label!r} has {len(classes)} distinct values: that looks like a quantity (regression, "
+                        f"not supported yet), not at most {MAX_CLASSES} classes")
+    features, skipped = [], {}
+    for col in df.columns:
+        if col in (label, time_column):
+            continue
+        s = df[col]
+        if not isinstance(col, str) or not col or re.search(r"[ ,;{}()\n\t=]", col):
+            skipped[str(col)] = "its name has a character a Delta column cannot (space , ; { } ( ) = tab); rename it"
+        elif pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
+            skipped[col] = f"not numeric ({s.dtype}); categorical features are not supported yet"
+        elif s.isna().any() or not np.isfinite(s.to_numpy(dtype=np.float64)).all():
+            skipped[col] = f"{int((~np.isfinite(s.to_numpy(dtype=np.float64))).sum())} missing/inf values"
+        elif s.nunique() < 2:
+            skipped[col] = "constant"
+        else:
+            features.append(col)
+    if not features:
+        why = "; ".join(f"{c}: {w}" for c, w in list(skipped.items())[:4])
+        raise InitError(f"{data}: no usable feature column (numeric, no missing values, not constant){': ' + why if why else ''}")
+    n = len(df)
+    window = int(min(500, max(50, n // 10)))
+    width = int(min(128, max(16, 2 ** math.ceil(math.log2(max(len(features), 2) * 2)))))
+    return Inferred(
+        name=name or _name_of(path), source=str(path), label=label, features=features, skipped=skipped, classes=classes,
+        counts={int(k): int(v) for k, v in y.value_counts().items()}, time_column=time_column, rows=n, window=window,
+        reference_rows=int(min(1000, max(10, round(n * 0.3)))), hidden=[width, max(8, width // 2)],
+        batch_size=int(min(128, max(16, 2 ** round(math.log2(max(n / 50, 1)))))))
+
+
+def _flow(items: list) -> str:
+    return "[" + ", ".join(str(i) for i in items) + "]"
+
+
+def spec_text(inf: Inferred) -> str:
+    """The spec as YAML, each inferred value with the reason for it."""
+    import yaml
+
+    quote = lambda s: yaml.safe_dump(s, default_style=None).strip().removesuffix("...").strip()  # noqa: E731
+    skipped = "".join(f"\n#   {c}: {w}" for c, w in inf.skipped.items()) or " none"
+    counts = ", ".join(f"{c}: {k}" for c, k in sorted(inf.counts.items()))
+    features = "\n".join(f"    - {quote(f)}" for f in inf.features)
+    time_line = f"  time_column: {quote(inf.time_column)}   # --time-column: kept beside the features, not learned from\n" if inf.time_column else ""
+    return f"""# Model spec written by `driftloop init {inf.source} --label {inf.label}`: {inf.rows} rows, {len(inf.features)} features.
+# Every value below was inferred from the file; change any of them. Columns not used as features:{skipped}
+name: {quote(inf.name)}
+task: classification            # the label is an integer with {len(inf.classes)} values
+dataset:
+  source: {quote(inf.source)}
+  table: {quote(inf.name)}      # the Delta table `driftloop data ingest` appends to
+  features:                     # numeric columns with no missing values and more than one value
+{features}
+  feature_dtype: float
+  label: {quote(inf.label)}
+  classes: {_flow(inf.classes)}   # rows per class in the file: {counts}
+{time_line}  min_rows: 10
+  split: [0.7, 0.15, 0.15]      # train / validation / test; validation + test are the detectors' reference
+  seed: 0
+model:
+  kind: mlp
+  hidden: {_flow(inf.hidden)}          # about twice the feature count, halved in the second layer
+  dropout: 0.1
+training:
+  epochs: 20
+  batch_size: {inf.batch_size}                # about rows / 50, a power of two in [16, 128]
+  lr: 0.003
+  workers: 2
+  cpus_per_worker: 0.5
+sweep:
+  trials: 2                     # two learning rates; widen the search space for more
+  concurrency: 2
+  search_space:
+    lr: {{loguniform: [0.001, 0.01]}}
+drift:
+  window: {inf.window}                   # rows per drift test: a tenth of the file, in [50, 500]
+  p_val: 0.01
+  reference_rows: {inf.reference_rows}           # at most 30 % of the file (the held-out splits supply them)
+  detectors:
+    - {{kind: ks, correction: bonferroni}}   # per-feature Kolmogorov-Smirnov on the inputs
+    - {{kind: bbsd}}                         # black-box shift detection on the model's outputs
+retraining:
+  policy: {{k: 2, m: 3}}           # drift in two of the last three windows triggers a retrain
+  cooldown_s: 300
+  min_labelled_rows: {inf.window}         # at least one window of labelled production rows first
+"""
+
+
+def serve_text(inf: Inferred, spec_path: str) -> str:
+    return f"""# Ray Serve config written by `driftloop init`: `driftloop serve serve_configs/{inf.name}.yaml`.
+# Binds to 127.0.0.1; put an authenticating proxy in front before exposing it.
+proxy_location: HeadOnly
+http_options:
+  host: 127.0.0.1
+  port: 8000
+logging_config:
+  enable_access_log: false
+applications:
+  - name: {inf.name}
+    route_prefix: /{inf.name}
+    import_path: driftloop.serving.app:build
+    args:
+      spec: {spec_path}
+    deployments:
+      - name: Predictor
+        num_replicas: 2        # >= 2 so a rolling update never leaves the app without a replica
+        max_ongoing_requests: 64
+        ray_actor_options: {{num_cpus: 0.1}}
+        health_check_period_s: 2
+      - name: DriftMonitor
+        num_replicas: 1        # one monitor owns the windows of the application
+        ray_actor_options: {{num_cpus: 0.1}}
+        health_check_period_s: 2
+"""
+
+
+def write(inf: Inferred, root: Path, force: bool = False) -> tuple[Path, Path]:
+    """Write configs/NAME.yaml and serve_configs/NAME.yaml: both validated first, then each renamed into place;
+    an existing file is refused unless `force`. Returns the two paths."""
+    from driftloop.config import parse_spec
+
+    import yaml
+
+    spec_path, serve_path = root / "configs" / f"{inf.name}.yaml", root / "serve_configs" / f"{inf.name}.yaml"
+    if not force:
+        for p in (spec_path, serve_path):
+            if p.exists():
+                raise InitError(f"{p} exists; pass --force to replace it, or --name for another model name")
+    spec_doc = spec_text(inf)
+    parse_spec(yaml.safe_load(spec_doc), "generated spec")  # what we write is a spec the loop accepts
+    serve_doc = serve_text(inf, f"configs/{inf.name}.yaml")
+    tmps = []
+    try:
+        for p, text in ((spec_path, spec_doc), (serve_path, serve_doc)):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            tmps.append((tmp, p))
+        existed = [p.exists() for _, p in tmps]
+        for i, (tmp, p) in enumerate(tmps):
+            try:
+                os.replace(tmp, p)
+            except OSError:
+                if i and not existed[0]:  # the spec went in, its Serve config did not: take the spec back out
+                    tmps[0][1].unlink(missing_ok=True)
+                raise
+    finally:
+        for tmp, _ in tmps:
+            tmp.unlink(missing_ok=True)
+    return spec_path, serve_path

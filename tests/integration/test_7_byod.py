@@ -1,0 +1,107 @@
+"""Bring your own data, as a user would, each command its own process in the user's own folder, with no YAML or code
+written beyond what `driftloop init` produced: a table file -> init -> data ingest -> sweep -> serve -> replay of a
+shifted stream of the user's own rows with labels (delayed) -> drift -> retraining job -> swap -> status.
+
+scikit-learn's breast-cancer table (569 rows, 30 numeric features, binary): 400 rows are the history the model
+learns from; production is the rows it never saw, resampled, with the size features shifted upwards (another
+scanner calibration), which the champion misreads. A local head of its own (`ray start`, private RAY_TMPDIR), as
+in the newcomer test; the generated Serve config's port (8000) must be free."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.integration.conftest import free_port, wait_for
+from tests.integration.test_0_newcomer import DASHBOARD_PORT, _free, _ok
+
+pytestmark = pytest.mark.slow
+
+
+def _tables(folder: Path) -> None:
+    import sklearn.datasets as ds
+
+    df = ds.load_breast_cancer(as_frame=True).frame.rename(columns=lambda c: c.replace(" ", "_"))
+    df = df.rename(columns={"target": "benign"})
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(df))
+    df.iloc[order[:400]].to_csv(folder / "cancer.csv", index=False)
+    prod = df.iloc[order[400:]].sample(n=700, replace=True, random_state=1).reset_index(drop=True)
+    size = [c for c in df.columns if c.endswith(("radius", "perimeter", "area", "texture"))]
+    prod[size] = prod[size] + 2.5 * df[size].std()  # every size reading reads high: benign ones look malignant
+    prod.to_csv(folder / "production.csv", index=False)
+
+
+def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
+    if not _free(DASHBOARD_PORT) or not _free(8000):
+        pytest.skip(f"ports {DASHBOARD_PORT} and 8000 must be free (no other Ray head or Serve here)")
+    work = tmp_path / "project"
+    work.mkdir()
+    _tables(work)
+    raytmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    env = {**os.environ, "RAY_ADDRESS": "", "DRIFTLOOP_JOBS_ADDRESS": "", "MLFLOW_TRACKING_URI": "",
+           "DRIFTLOOP_DATA_ROOT": "", "RAY_TMPDIR": str(raytmp), "DRIFTLOOP_HOME": str(work / ".driftloop"),
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    exe = str(Path(sys.executable).with_name("driftloop"))
+
+    def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        r = subprocess.run([exe, *args], cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+        print(f"$ driftloop {' '.join(args)} -> {r.returncode}\n{r.stdout[-1500:]}{r.stderr[-1500:] if r.returncode else ''}")
+        return r
+
+    assert cli("init", "cancer.csv", "--label", "benign").returncode == 0
+    assert cli("data", "ingest", "cancer.csv", "--table", "cancer").returncode == 0
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=3",
+                             "--disable-usage-stats", "--dashboard-agent-listen-port=0",
+                             f"--ray-client-server-port={free_port()}"],
+                            env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: (raytmp / "ray" / "ray_current_cluster").exists() and _ok(f"http://127.0.0.1:{DASHBOARD_PORT}/api/version"),
+                 120, what="the local head")
+        assert cli("sweep", "configs/cancer.yaml").returncode == 0
+        assert cli("serve", "serve_configs/cancer.yaml").returncode == 0
+        url = "http://127.0.0.1:8000/cancer"
+        assert httpx.get(f"{url}/healthz", timeout=30).json()["model_version"] == 1
+        # the user's own production rows, in file order, labels arriving 30 rows late
+        sent = cli("replay", "cancer", "--from", "production.csv", "--labels", "--label-delay", "30", "--rps", "40")
+        assert sent.returncode == 0
+        summary = json.loads(sent.stdout.strip().splitlines()[-1])
+        assert summary["ok"] == 700 and summary["labelled"] == 700, summary
+        assert summary["accuracy"] < 0.75, f"the shift should hurt the champion: {summary}"
+        swapped = wait_for(lambda: (h := httpx.get(f"{url}/healthz", timeout=30).json())["model_version"] > 1 and h,
+                           420, every=2, what="a retrained champion serving")
+        d = httpx.get(f"{url}/drift", timeout=30).json()
+        assert d["retraining"]["current"]["status"] == "SUCCEEDED", d["retraining"]
+        # the new champion on the shifted rows it was retrained for: better than the old one was
+        again = cli("replay", "cancer", "--from", "production.csv", "--start", "500", "--rps", "40", "--labels")
+        after = json.loads(again.stdout.strip().splitlines()[-1])
+        print("accuracy before the swap", summary["accuracy"], "after", after["accuracy"], "on", swapped)
+        assert after["accuracy"] > summary["accuracy"] + 0.1, (summary, after)
+        st = cli("status", "cancer", "--url", url)
+        assert st.returncode == 0 and f"model cancer: champion version {swapped['model_version']}" in st.stdout, st.stdout
+        assert "SUCCEEDED" in st.stdout and f"live: serving v{swapped['model_version']}" in st.stdout
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                head.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        time.sleep(1)
+        shutil.rmtree(raytmp, ignore_errors=True)

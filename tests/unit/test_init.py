@@ -1,0 +1,85 @@
+"""`driftloop init`: a user's file -> a spec and a Serve config the loop accepts, or one line and exit 2 with
+nothing written. Run as a user would: the installed command, in the user's own folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from driftloop.config import load_spec
+
+
+def init(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("driftloop")
+    return subprocess.run([str(exe), "init", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def _sklearn(name: str) -> pd.DataFrame:
+    import sklearn.datasets as ds
+
+    b = getattr(ds, f"load_{name}")(as_frame=True)
+    df = b.frame.rename(columns=lambda c: c.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "_"))
+    return df
+
+
+def test_wine_multiclass_becomes_a_spec_and_serve_config_the_loop_accepts(tmp_path):
+    _sklearn("wine").to_csv(tmp_path / "wine.csv", index=False)
+    r = init(tmp_path, "wine.csv", "--label", "target")
+    assert r.returncode == 0, r.stderr
+    assert "wrote configs/wine.yaml (13 features, classes [0, 1, 2], window 50) and serve_configs/wine.yaml" in r.stdout
+    spec = load_spec(tmp_path / "configs/wine.yaml")
+    assert spec.name == spec.dataset.table == "wine" and spec.dataset.label == "target"
+    assert spec.dataset.classes == [0, 1, 2] and len(spec.dataset.features) == 13 and "target" not in spec.dataset.features
+    assert spec.drift.window == 50 and spec.retraining.min_labelled_rows == 50
+    text = (tmp_path / "configs/wine.yaml").read_text()
+    assert "# rows per class in the file: 0: 59, 1: 71, 2: 48" in text  # every inferred choice says why
+    serve = yaml.safe_load((tmp_path / "serve_configs/wine.yaml").read_text())
+    app = serve["applications"][0]
+    assert app["name"] == "wine" and app["route_prefix"] == "/wine" and app["args"] == {"spec": "configs/wine.yaml"}
+    assert serve["http_options"]["host"] == "127.0.0.1"
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(serve)
+    # a second init does not silently replace the user's edits
+    again = init(tmp_path, "wine.csv", "--label", "target")
+    assert again.returncode == 2 and "configs/wine.yaml exists; pass --force" in again.stderr
+    assert init(tmp_path, "wine.csv", "--label", "target", "--force").returncode == 0
+
+
+def test_binary_parquet_with_unusable_columns_names_what_it_left_out(tmp_path):
+    df = _sklearn("breast_cancer")
+    df["hospital"] = np.where(np.arange(len(df)) % 2, "north", "south")  # a string column: not a feature (yet)
+    df["constant"] = 1.0
+    df.to_parquet(tmp_path / "cancer.parquet")
+    r = init(tmp_path, "cancer.parquet", "--label", "target", "--name", "bc")
+    assert r.returncode == 0, r.stderr
+    spec = load_spec(tmp_path / "configs/bc.yaml")
+    assert spec.dataset.classes == [0, 1] and len(spec.dataset.features) == 30
+    assert "hospital (not numeric (object); categorical features are not supported yet)" in r.stdout
+    assert "constant (constant)" in r.stdout
+
+
+@pytest.mark.parametrize("setup, args, message", [
+    (lambda p: (p / "x.csv").write_text("a,b\n1,2\n"), ["x.csv", "--label", "nope"], "--label 'nope' is not a column of x.csv"),
+    (lambda p: (p / "x.csv").write_text("a,b\n1,2\n3,2\n"), ["x.csv", "--label", "b"], "label 'b' is constant"),
+    (lambda p: (p / "x.csv").write_text("a,b\nu,0\nv,1\n"), ["x.csv", "--label", "b"], "no usable feature column"),
+    (lambda p: (p / "x.parquet").write_bytes(b"not parquet at all"), ["x.parquet", "--label", "b"], "x.parquet: cannot read"),
+    (lambda p: None, ["missing.csv", "--label", "b"], "missing.csv: no such file"),
+    (lambda p: (p / "x.csv").write_text("a,b\n1,0.5\n2,1.5\n"), ["x.csv", "--label", "b"], "label 'b' is not integer"),
+    (lambda p: _sklearn("diabetes").to_csv(p / "diabetes.csv", index=False), ["diabetes.csv", "--label", "target"],
+     "looks like a quantity (regression, not supported yet)"),
+    (lambda p: _sklearn("diabetes").to_csv(p / "diabetes.csv", index=False),
+     ["diabetes.csv", "--label", "target", "--task", "regression"], "--task regression: not supported yet"),
+])
+def test_a_file_init_cannot_use_gets_one_line_exit_2_and_no_files(tmp_path, setup, args, message):
+    setup(tmp_path)
+    r = init(tmp_path, *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "configs").exists() and not (tmp_path / "serve_configs").exists()
