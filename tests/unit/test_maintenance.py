@@ -203,3 +203,25 @@ def test_stale_local_caches_are_removed_and_fresh_ones_kept(home):
     assert old_trial.exists()
     maintenance.clean_local(s, spec, time.time())
     assert not old_trial.parent.exists() and not orphan.exists() and fresh.exists()
+
+
+def test_gc_command_reports_and_refuses_in_one_line(served, tmp_path):
+    import yaml
+
+    s, spec, _ = served
+    path = tmp_path / "soak.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    env = {"DRIFTLOOP_HOME": str(s.home)}
+    dry = run_cli("gc", str(path), "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "inference     300 files in use, 300 on storage" in dry.stdout and "would remove 0 folders" in dry.stdout
+    assert maintenance.file_counts(logs.uris(s, spec)["inference"])["active"] == 300, "a dry run changes nothing"
+    cutoff = time.time() - 90 * DAY_S  # gc runs on the real clock: the days served in 2026-05..09 past 90 days go
+    kept = sum(1 for d in range(100) if T0 + d * DAY_S >= cutoff)
+    real = run_cli("gc", str(path), env=env)
+    assert real.returncode == 0, real.stderr
+    line = f"inference     files 300 -> {kept} (on storage 300 -> {kept}), {1200 - 12 * kept} rows past 90 days deleted"
+    assert line in real.stdout, real.stdout
+    assert len(tables.read(logs.uris(s, spec)["feedback"])) == 12 * kept
+    bad = run_cli("gc", "no-such-model", env=env)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no such spec file" in bad.stderr, bad.stderr
