@@ -250,9 +250,9 @@ def run_lane(settings: Settings, spec: Spec, stream: Stream, strategy: str, vers
                 swapped_at=float(stream.times[0]))
     ds = lspec.dataset
     x_all = stream.rows[ds.features].to_numpy(np.float32)
-    y_all = stream.rows[ds.label].to_numpy(np.int64)
-    classes = np.asarray(ds.classes)
-    pred_all = np.empty(len(y_all), dtype=np.int64)
+    y_all = stream.rows[ds.label].to_numpy(object if ds.string_labels else np.int64)
+    classes = np.asarray(ds.classes, dtype=object if ds.string_labels else np.int64)
+    pred_all = np.empty(len(y_all), dtype=classes.dtype)
     lane.versions = np.empty(len(y_all), dtype=np.int64)
     step = max(1, lspec.drift.window // 5)
     for start in range(0, len(y_all), step):

@@ -40,7 +40,8 @@ class DatasetSpec(_Strict):
     features: list[str] = Field(min_length=1)
     feature_dtype: Literal["float", "int"] = "float"
     label: str
-    classes: list[int] = Field(min_length=2)
+    classes: list[int] | list[str] = Field(min_length=2, description="the label's values: integers, or strings "
+                                           "(e.g. [benign, malignant]; predictions and feedback use them as they are)")
     time_column: str | None = None
     min_rows: int = Field(default=1, ge=1)
     max_rows: int = Field(default=5_000_000, ge=1)
@@ -55,6 +56,24 @@ class DatasetSpec(_Strict):
         if dupes:
             raise ValueError(f"duplicate feature names: {dupes}")
         return names
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate classes: {sorted({c for c in v if v.count(c) > 1})}")
+        if any(isinstance(c, str) and not c for c in v):
+            raise ValueError("a class name must not be empty")
+        return v
+
+    @property
+    def string_labels(self) -> bool:
+        return isinstance(self.classes[0], str)
+
+    def label_value(self, value: Any) -> int | str:
+        """A label as the spec's classes hold it (a plain int or str, from numpy or JSON)."""
+        value = value.item() if hasattr(value, "item") else value
+        return str(value) if self.string_labels else int(value)
 
     @field_validator("split")
     @classmethod

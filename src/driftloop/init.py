@@ -28,8 +28,8 @@ class Inferred:
     label: str
     features: list[str]
     skipped: dict[str, str]  # column -> why it is not a feature
-    classes: list[int]
-    counts: dict[int, int]
+    classes: list[int] | list[str]
+    counts: dict
     time_column: str | None
     rows: int
     window: int
@@ -66,10 +66,15 @@ def infer(data: str, label: str, name: str | None = None, time_column: str | Non
         raise InitError(f"label {label!r} has {int(y.isna().sum())} missing value(s): label every row, or drop those rows")
     if y.nunique() < 2:
         raise InitError(f"label {label!r} is constant ({y.iloc[0]!r}): a classifier needs at least two classes")
-    if not (pd.api.types.is_integer_dtype(y) or (pd.api.types.is_float_dtype(y) and np.all(np.mod(y.to_numpy(), 1) == 0))):
-        raise InitError(f"label {label!r} is not integer (dtype {y.dtype}, e.g. {y.iloc[0]!r}): driftloop's classes are "
-                        "integers for now; map the labels to 0..K-1 first")
-    classes = sorted(int(v) for v in y.unique())
+    if pd.api.types.is_object_dtype(y) or pd.api.types.is_string_dtype(y) or isinstance(y.dtype, pd.CategoricalDtype):
+        if not all(isinstance(v, str) for v in y.unique()):
+            raise InitError(f"label {label!r} mixes strings and other values: make every label a class name")
+        classes = sorted(str(v) for v in y.unique())  # class names, kept as they are
+    elif pd.api.types.is_integer_dtype(y) or (pd.api.types.is_float_dtype(y) and np.all(np.mod(y.to_numpy(), 1) == 0)):
+        classes = sorted(int(v) for v in y.unique())
+    else:
+        raise InitError(f"label {label!r} is not a class (dtype {y.dtype}, e.g. {y.iloc[0]!r}): a classifier needs integer "
+                        "or string labels; a continuous target is regression, not supported yet")
     if len(classes) > MAX_CLASSES:
         raise InitError(f"label {label!r} has {len(classes)} distinct values: that looks like a quantity (regression, "
                         f"not supported yet), not at most {MAX_CLASSES} classes")
@@ -96,13 +101,16 @@ def infer(data: str, label: str, name: str | None = None, time_column: str | Non
     width = int(min(128, max(16, 2 ** math.ceil(math.log2(max(len(features), 2) * 2)))))
     return Inferred(
         name=name or _name_of(path), source=str(path), label=label, features=features, skipped=skipped, classes=classes,
-        counts={int(k): int(v) for k, v in y.value_counts().items()}, time_column=time_column, rows=n, window=window,
+        counts={(k if isinstance(k, str) else int(k)): int(v) for k, v in y.value_counts().items()}, time_column=time_column, rows=n, window=window,
         reference_rows=int(min(1000, max(10, round(n * 0.3)))), hidden=[width, max(8, width // 2)],
         batch_size=int(min(128, max(16, 2 ** round(math.log2(max(n / 50, 1)))))))
 
 
 def _flow(items: list) -> str:
-    return "[" + ", ".join(str(i) for i in items) + "]"
+    """A YAML flow list; names that YAML would read as something else (yes, no, 1.0) are quoted."""
+    import yaml
+
+    return yaml.safe_dump(list(items), default_flow_style=True, width=10**6).strip()
 
 
 def spec_text(inf: Inferred) -> str:
@@ -111,13 +119,13 @@ def spec_text(inf: Inferred) -> str:
 
     quote = lambda s: yaml.safe_dump(s, default_style=None).strip().removesuffix("...").strip()  # noqa: E731
     skipped = "".join(f"\n#   {c}: {w}" for c, w in inf.skipped.items()) or " none"
-    counts = ", ".join(f"{c}: {k}" for c, k in sorted(inf.counts.items()))
+    counts = ", ".join(f"{c}: {inf.counts[c]}" for c in inf.classes)
     features = "\n".join(f"    - {quote(f)}" for f in inf.features)
     time_line = f"  time_column: {quote(inf.time_column)}   # --time-column: kept beside the features, not learned from\n" if inf.time_column else ""
     return f"""# Model spec written by `driftloop init {inf.source} --label {inf.label}`: {inf.rows} rows, {len(inf.features)} features.
 # Every value below was inferred from the file; change any of them. Columns not used as features:{skipped}
 name: {quote(inf.name)}
-task: classification            # the label is an integer with {len(inf.classes)} values
+task: classification            # the label has {len(inf.classes)} {"class names" if isinstance(inf.classes[0], str) else "integer values"}
 dataset:
   source: {quote(inf.source)}
   table: {quote(inf.name)}      # the Delta table `driftloop data ingest` appends to
@@ -175,7 +183,12 @@ applications:
       spec: {spec_path}
     deployments:
       - name: Predictor
-        num_replicas: 2        # >= 2 so a rolling update never leaves the app without a replica
+        autoscaling_config:      # Serve adds replicas while each holds more than 8 requests in flight (README: Scaling)
+          min_replicas: 2        # >= 2 so a rolling update never leaves the app without a replica
+          max_replicas: 8
+          target_ongoing_requests: 8
+          upscale_delay_s: 10
+          downscale_delay_s: 120
         max_ongoing_requests: 64
         ray_actor_options: {{num_cpus: 0.1}}
         health_check_period_s: 2

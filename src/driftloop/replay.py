@@ -75,6 +75,12 @@ class ReplayReport:
                 "status": {str(k): v for k, v in sorted(self.status_counts.items())}}
 
 
+def _plain(label):
+    """A label as JSON carries it: an int for integer classes (numpy's included), the string itself for names."""
+    label = label.item() if hasattr(label, "item") else label
+    return label if isinstance(label, str) else int(label)
+
+
 async def replay_async(
     url: str, app: str, df: pd.DataFrame, features: list[str], label: str, rps: float, labels: bool = False,
     concurrency: int = 16, headers: dict[str, str] | None = None, on_response: Callable[[int, dict], None] | None = None,
@@ -98,7 +104,7 @@ async def replay_async(
     waiting: dict[int, str] = {}  # answered rows whose label is not sent yet (label_delay)
 
     async def label(client: httpx.AsyncClient, i: int, rid: str) -> None:
-        fr = await client.post(f"{base}/feedback", json={"request_id": rid, "label": int(ys[i])})
+        fr = await client.post(f"{base}/feedback", json={"request_id": rid, "label": _plain(ys[i])})
         if fr.status_code == 200:
             rep.labelled += 1
 
@@ -126,7 +132,7 @@ async def replay_async(
                 if keep_responses:
                     rep.responses.append({"i": i, "t": time.monotonic() - t0, "version": v, "prediction": pred})
                 if ys is not None:
-                    rep.correct += int(pred == int(ys[i]))
+                    rep.correct += int(pred == _plain(ys[i]))
                     if labels:
                         rid = data["request_id"] if batch == 1 else data["predictions"][j]["id"]
                         waiting[i] = rid

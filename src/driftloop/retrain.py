@@ -199,7 +199,7 @@ def train_and_gate(spec: Spec, settings: Settings, dv, hp: dict[str, Any], run_n
         x_eval = y_eval = label = None
         if len(eval_rows):
             x_eval = eval_rows[spec.dataset.features].to_numpy(np.float32)
-            y_eval = eval_rows[spec.dataset.label].to_numpy(np.int64)
+            y_eval = eval_rows[spec.dataset.label].to_numpy(object if spec.dataset.string_labels else np.int64)
             label = f"{len(eval_rows)} recent labelled production rows (held out)"
         with result.checkpoint.as_directory() as ckpt:
             out = register_and_gate(spec, settings, dv, Path(ckpt), rid, version_tags, x_eval, y_eval, label, reference, tail)

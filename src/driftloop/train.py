@@ -33,7 +33,7 @@ def split_frame(df, spec: Spec) -> Splits:
     """Seeded split of a table snapshot; the same version and seed always give the same rows."""
     ds = spec.dataset
     x = df[ds.features].to_numpy(dtype=np.float32)
-    y = df[ds.label].to_numpy(dtype=np.int64)
+    y = df[ds.label].to_numpy(dtype=object if ds.string_labels else np.int64)
     order = np.random.default_rng(ds.seed).permutation(len(df))
     n_train = int(round(ds.split[0] * len(df)))
     n_val = int(round(ds.split[1] * len(df)))
@@ -67,9 +67,10 @@ def decode_hparams(spec: Spec, config: dict[str, Any]) -> dict[str, Any]:
     return hp
 
 
-def class_index(y: np.ndarray, classes: list[int]) -> np.ndarray:
+def class_index(y: np.ndarray, classes: list) -> np.ndarray:
+    """Each label's position in the spec's classes (integers or names)."""
     lookup = {c: i for i, c in enumerate(classes)}
-    return np.array([lookup[int(v)] for v in y], dtype=np.int64)
+    return np.array([lookup[v.item() if hasattr(v, "item") else v] for v in y], dtype=np.int64)
 
 
 TRAIN_POLL_S = "0.25"

@@ -46,6 +46,7 @@ def test_serve_refuses_without_champion_then_sweep_joins_the_running_head(tmp_pa
     app = cfg["applications"][0]
     app.update(name="newcomer", route_prefix="/newcomer", args={"spec": str(spec)})
     for dep in app["deployments"]:
+        dep.pop("autoscaling_config", None)
         dep["num_replicas"] = 1
     serve_cfg = tmp_path / "serve.yaml"
     serve_cfg.write_text(yaml.safe_dump(cfg))

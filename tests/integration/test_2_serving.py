@@ -380,6 +380,63 @@ def test_serve_deploy_path_admin_token_and_swap(serve_url, settings, trained, tm
     serve.delete("deployed")
 
 
+def test_the_predictor_scales_out_under_load_and_back_in(serve_url, serving_spec, trained, tmp_path):
+    """The shipped autoscaling_config (serve_configs/digits.yaml) with a floor of 1 and short delays, so one test sees
+    both directions: under 16 concurrent clients the Predictor goes from 1 to >= 2 replicas, and back to 1 once the
+    load stops, with no failed request. Prints the time to scale out."""
+    import yaml
+    from ray import serve
+
+    from tests.conftest import ROOT
+
+    cfg = yaml.safe_load((ROOT / "serve_configs/digits.yaml").read_text())
+    cfg["http_options"]["port"] = int(serve_url.rsplit(":", 1)[1])
+    app = cfg["applications"][0]
+    app.update(name="scaling", route_prefix="/scaling")
+    app["args"]["spec"] = str(serving_spec)
+    pred = next(d for d in app["deployments"] if d["name"] == "Predictor")
+    pred["autoscaling_config"].update(min_replicas=1, max_replicas=3, target_ongoing_requests=2, upscale_delay_s=1,
+                                      downscale_delay_s=5, look_back_period_s=2, metrics_interval_s=0.5)
+    path = tmp_path / "scaling.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = run_cli("serve", str(path), timeout=400)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def running() -> int:
+        states = serve.status().applications["scaling"].deployments["Predictor"].replica_states
+        return sum(n for k, n in states.items() if str(getattr(k, "value", k)) == "RUNNING")
+
+    try:
+        wait_for(lambda: running() == 1, 60, what="one Predictor replica before the load")
+        stop, failed, sent = threading.Event(), [], []
+        pool = examples.builtin("digits").pool
+
+        def load():
+            while not stop.is_set():
+                rep = send(f"{serve_url}/scaling", pool.iloc[:400], concurrency=16)
+                failed.append(rep.failed)
+                sent.append(rep.sent)
+
+        loader = threading.Thread(target=load)
+        t0 = time.time()
+        loader.start()
+        try:
+            wait_for(lambda: running() >= 2, 180, every=0.5, what="a second Predictor replica under load")
+            scaled_out_s = time.time() - t0
+            time.sleep(5)  # the new replica takes traffic
+        finally:
+            stop.set()
+            loader.join()
+        t1 = time.time()
+        wait_for(lambda: running() == 1, 120, every=1, what="back to one replica after the load")
+        print(f"autoscaling: 1 -> >=2 replicas in {scaled_out_s:.1f} s under 16 clients; back to 1 in "
+              f"{time.time() - t1:.1f} s; {sum(sent)} requests, {sum(failed)} failed")
+        assert sum(failed) == 0 and sum(sent) > 0
+        assert httpx.post(f"{serve_url}/scaling/predict", json={"row": rows_of(pool.iloc[:1])[0]}, timeout=30).status_code == 200
+    finally:
+        serve.delete("scaling")
+
+
 def test_grafana_dashboard_queries_only_metrics_the_app_exports(app, ray_cluster):
     """deploy/grafana/driftloop.json: every metric a panel or variable queries is one this running app (after the
     traffic, labels and swaps of this module) exports on Ray's Prometheus endpoint: no typo, no metric renamed away."""

@@ -2,9 +2,9 @@
 written beyond what `driftloop init` produced: a table file -> init -> data ingest -> sweep -> serve -> replay of a
 shifted stream of the user's own rows with labels (delayed) -> drift -> retraining job -> swap -> status.
 
-scikit-learn's breast-cancer table (569 rows, 30 numeric features, binary): 400 rows are the history the model
-learns from; production is the rows it never saw, resampled, with the size features shifted upwards (another
-scanner calibration), which the champion misreads. A local head of its own (`ray start`, private RAY_TMPDIR), as
+scikit-learn's breast-cancer table (569 rows, 30 numeric features, labels "benign"/"malignant" as strings): 400 rows
+are the history the model learns from; production is the rows it never saw, resampled, with the size features shifted
+upwards (another scanner calibration), which the champion misreads. A local head of its own (`ray start`, private RAY_TMPDIR), as
 in the newcomer test; the generated Serve config's port (8000) must be free."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 
 from tests.integration.conftest import free_port, wait_for
@@ -33,7 +34,7 @@ def _tables(folder: Path) -> None:
     import sklearn.datasets as ds
 
     df = ds.load_breast_cancer(as_frame=True).frame.rename(columns=lambda c: c.replace(" ", "_"))
-    df = df.rename(columns={"target": "benign"})
+    df["diagnosis"] = np.where(df.pop("target") == 1, "benign", "malignant")  # class names, as a hospital writes them
     rng = np.random.default_rng(0)
     order = rng.permutation(len(df))
     df.iloc[order[:400]].to_csv(folder / "cancer.csv", index=False)
@@ -60,7 +61,7 @@ def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
         print(f"$ driftloop {' '.join(args)} -> {r.returncode}\n{r.stdout[-1500:]}{r.stderr[-1500:] if r.returncode else ''}")
         return r
 
-    assert cli("init", "cancer.csv", "--label", "benign").returncode == 0
+    assert cli("init", "cancer.csv", "--label", "diagnosis").returncode == 0
     assert cli("data", "ingest", "cancer.csv", "--table", "cancer").returncode == 0
     ray_bin = str(Path(sys.executable).with_name("ray"))
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
@@ -75,6 +76,12 @@ def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
         assert cli("serve", "serve_configs/cancer.yaml").returncode == 0
         url = "http://127.0.0.1:8000/cancer"
         assert httpx.get(f"{url}/healthz", timeout=30).json()["model_version"] == 1
+        # the answers and the labels are the file's own class names
+        row = {k: float(v) for k, v in pd.read_csv(work / "production.csv").drop(columns="diagnosis").iloc[0].items()}
+        answer = httpx.post(f"{url}/predict", json={"row": row}, timeout=30).json()
+        assert answer["predictions"][0]["prediction"] in ("benign", "malignant"), answer
+        wrong = httpx.post(f"{url}/feedback", json={"request_id": answer["request_id"], "label": "benig"}, timeout=30)
+        assert wrong.status_code == 422 and "['benign', 'malignant']" in wrong.json()["error"], wrong.text
         # the user's own production rows, in file order, labels arriving 30 rows late
         sent = cli("replay", "cancer", "--from", "production.csv", "--labels", "--label-delay", "30", "--rps", "40")
         assert sent.returncode == 0

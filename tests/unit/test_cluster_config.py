@@ -44,4 +44,7 @@ def test_every_shipped_serve_config_passes_serves_schema():
             deps = {d.name: d for d in app.deployments}
             assert set(deps) == {"Predictor", "DriftMonitor"}, f.name
             assert all(d.health_check_period_s == 2 for d in deps.values()), f.name
-            assert deps["Predictor"].num_replicas == 2 and deps["DriftMonitor"].num_replicas == 1, f.name
+            auto = deps["Predictor"].autoscaling_config  # scales out under load, never below 2 (rolling updates)
+            auto = auto if isinstance(auto, dict) else auto.model_dump()
+            assert auto["min_replicas"] == 2 and auto["max_replicas"] >= 4 and auto["target_ongoing_requests"] > 0, f.name
+            assert deps["DriftMonitor"].num_replicas == 1, f.name

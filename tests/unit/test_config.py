@@ -31,6 +31,8 @@ def test_shipped_specs_load():
         (("retraining", "policy", "k"), 5, "retraining.policy: Value error, k must not exceed m"),
         (("model", "hiddden"), [3], "model.hiddden: Extra inputs are not permitted"),
         (("dataset", "label"), "pixel_3", "label 'pixel_3' is also listed as a feature"),
+        (("dataset", "classes"), ["a", "b", "a"], "duplicate classes: ['a']"),
+        (("dataset", "classes"), [0, "b"], "dataset.classes"),
     ],
 )
 def test_bad_field_is_named(digits_dict, path, value, expected):

@@ -184,3 +184,24 @@ def test_a_training_window_is_the_newest_rows_in_append_order(tmp_path, spec):
     s = load_splits(spec, tables.data_version(uri), tail_rows=150)
     seen = np.concatenate([s.x_train[:, 0], s.x_val[:, 0], s.x_test[:, 0]])
     assert len(seen) == 150 and sorted(set(seen)) == [2.0, 3.0] and (seen == 3.0).sum() == 100
+
+
+def test_string_class_labels_are_kept_as_names(tmp_path, spec):
+    """A spec whose classes are names: the table keeps them as strings; a name outside them refuses the batch."""
+    from driftloop.config import parse_spec
+
+    d = spec.model_dump(mode="json")
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    d["dataset"]["classes"] = names
+    named = parse_spec(d)
+    assert named.dataset.string_labels and named.dataset.label_value(np.str_("two")) == "two"
+    frame = examples.builtin("digits").reference.iloc[:50].copy()
+    frame["digit"] = np.array(names)[frame["digit"]]
+    uri = str(tmp_path / "named")
+    ingest_frame(frame, uri, named.dataset, "test")
+    back = tables.read(uri)
+    assert back["digit"].tolist() == frame["digit"].tolist() and back["digit"].map(type).eq(str).all()
+    bad = frame.assign(digit=np.where(frame.index == frame.index[0], "eleven", frame["digit"]))
+    with pytest.raises(ValidationFailed, match=r"label 'digit' has value\(s\) outside .*'eleven'"):
+        ingest_frame(bad, uri, named.dataset, "test")
+    assert len(tables.read(uri)) == 50

@@ -65,13 +65,24 @@ def test_binary_parquet_with_unusable_columns_names_what_it_left_out(tmp_path):
     assert "constant (constant)" in r.stdout
 
 
+def test_string_labels_become_class_names_quoted_where_yaml_would_misread_them(tmp_path):
+    df = _sklearn("wine")
+    df["kind"] = np.array(["no", "barolo", "grignolino"])[df.pop("target")]  # "no" would read as false in YAML
+    df.to_csv(tmp_path / "wine.csv", index=False)
+    r = init(tmp_path, "wine.csv", "--label", "kind")
+    assert r.returncode == 0, r.stderr
+    spec = load_spec(tmp_path / "configs/wine.yaml")
+    assert spec.dataset.classes == ["barolo", "grignolino", "no"] and spec.dataset.string_labels
+    assert "# rows per class in the file: barolo: 71, grignolino: 48, no: 59" in (tmp_path / "configs/wine.yaml").read_text()
+
+
 @pytest.mark.parametrize("setup, args, message", [
     (lambda p: (p / "x.csv").write_text("a,b\n1,2\n"), ["x.csv", "--label", "nope"], "--label 'nope' is not a column of x.csv"),
     (lambda p: (p / "x.csv").write_text("a,b\n1,2\n3,2\n"), ["x.csv", "--label", "b"], "label 'b' is constant"),
     (lambda p: (p / "x.csv").write_text("a,b\nu,0\nv,1\n"), ["x.csv", "--label", "b"], "no usable feature column"),
     (lambda p: (p / "x.parquet").write_bytes(b"not parquet at all"), ["x.parquet", "--label", "b"], "x.parquet: cannot read"),
     (lambda p: None, ["missing.csv", "--label", "b"], "missing.csv: no such file"),
-    (lambda p: (p / "x.csv").write_text("a,b\n1,0.5\n2,1.5\n"), ["x.csv", "--label", "b"], "label 'b' is not integer"),
+    (lambda p: (p / "x.csv").write_text("a,b\n1,0.5\n2,1.5\n"), ["x.csv", "--label", "b"], "label 'b' is not a class"),
     (lambda p: _sklearn("diabetes").to_csv(p / "diabetes.csv", index=False), ["diabetes.csv", "--label", "target"],
      "looks like a quantity (regression, not supported yet)"),
     (lambda p: _sklearn("diabetes").to_csv(p / "diabetes.csv", index=False),

@@ -79,6 +79,15 @@ def test_bad_feedback(payload, message):
     assert message in str(err.value)
 
 
+def test_feedback_with_class_names():
+    names = ["benign", "malignant"]
+    assert parse_feedback({"request_id": RID, "label": "benign"}, names) == (RID, "benign")
+    for bad in ("Benign", 1, None):
+        with pytest.raises(InvalidInput) as err:
+            parse_feedback({"request_id": RID, "label": bad}, names)
+        assert f"label: {bad!r} is not one of the model's classes ['benign', 'malignant']" in str(err.value)
+
+
 def test_good_feedback():
     assert parse_feedback({"request_id": RID, "label": 3}, list(range(10))) == (RID, 3)
     assert parse_feedback({"request_id": RID, "label": 3.0}, list(range(10))) == (RID, 3)

@@ -41,7 +41,7 @@ def ingest_frame(df: pd.DataFrame, uri: str, ds: DatasetSpec, source: str, extra
     if not report.ok:
         raise ValidationFailed(report)
     keep = extra_cols + ds.features + [ds.label]
-    batch = coerce(df[keep], ds.features, ds.label, ds.feature_dtype)
+    batch = coerce(df[keep], ds.features, ds.label, ds.feature_dtype, ds.string_labels)
     meta = {"batch_id": uuid.uuid4().hex, "source": source, "rows_appended": str(len(batch)), **(extra or {})}
     return tables.append(uri, batch, meta)
 

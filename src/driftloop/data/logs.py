@@ -34,15 +34,18 @@ def _with_day(df: pd.DataFrame) -> pd.DataFrame:
 
 def inference_frame(spec: Spec, ids: list[str], ts: list[float], version: int, x: np.ndarray, pred: np.ndarray) -> pd.DataFrame:
     df = pd.DataFrame(x.astype(np.float64), columns=spec.dataset.features)
-    df.insert(0, "prediction", pred.astype(np.int64))
+    pred = np.asarray(pred)
+    df.insert(0, "prediction", pred.astype(str) if pred.dtype.kind in "USO" else pred.astype(np.int64))
     df.insert(0, "model_version", np.full(len(ids), version, dtype=np.int64))
     df.insert(0, "ts", np.asarray(ts, dtype=np.float64))
     df.insert(0, "request_id", pd.Series(ids, dtype=object).astype(str))
     return _with_day(df)
 
 
-def feedback_frame(rows: list[tuple[str, int, float]]) -> pd.DataFrame:
-    return _with_day(pd.DataFrame({"request_id": [r[0] for r in rows], "label": np.array([r[1] for r in rows], dtype=np.int64),
+def feedback_frame(rows: list[tuple[str, int | str, float]]) -> pd.DataFrame:
+    labels = [r[1] for r in rows]
+    labels = np.array(labels, dtype=object if isinstance(labels[0], str) else np.int64)
+    return _with_day(pd.DataFrame({"request_id": [r[0] for r in rows], "label": labels,
                                    "ts": np.array([r[2] for r in rows], dtype=np.float64)}))
 
 

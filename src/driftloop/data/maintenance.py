@@ -38,7 +38,7 @@ def log_properties(grace_hours: float) -> dict[str, str]:
     log committed every few seconds does not pile up JSON files forever; checkpoints keep loading it cheap."""
     days = max(1, math.ceil(grace_hours / 24))
     return {"delta.logRetentionDuration": f"interval {days} days", "delta.enableExpiredLogCleanup": "true",
-            "delta.checkpointInterval": "100"}
+            "delta.checkpointInterval": "10"}
 
 
 def file_counts(uri: str) -> dict[str, int]:

@@ -64,6 +64,10 @@ def validate_frame(
         s = df[label]
         if s.isna().any():
             rep.problems.append(f"label {label!r} has {int(s.isna().sum())} missing value(s)")
+        elif classes and isinstance(classes[0], str):  # string classes: the values as they are
+            outside = sorted({str(v) for v in s.unique()} - set(classes))
+            if outside:
+                rep.problems.append(f"label {label!r} has value(s) outside {classes}: {outside[:5]}")
         elif not pd.api.types.is_integer_dtype(s) and not (
             pd.api.types.is_float_dtype(s) and np.all(np.mod(s.to_numpy(), 1) == 0)
         ):
@@ -75,10 +79,11 @@ def validate_frame(
     return rep
 
 
-def coerce(df: pd.DataFrame, features: list[str], label: str | None, feature_dtype: str = "float") -> pd.DataFrame:
-    """Cast a validated batch to the table's dtypes (features float64 or int64, label int64)."""
+def coerce(df: pd.DataFrame, features: list[str], label: str | None, feature_dtype: str = "float",
+           string_labels: bool = False) -> pd.DataFrame:
+    """Cast a validated batch to the table's dtypes (features float64 or int64, label int64 or string)."""
     out = df.copy()
     out[features] = out[features].astype(np.float64 if feature_dtype == "float" else np.int64)
     if label and label in out.columns:
-        out[label] = out[label].astype(np.int64)
+        out[label] = out[label].astype(str) if string_labels else out[label].astype(np.int64)
     return out

@@ -149,7 +149,7 @@ class Predictor(PollLoops):
         ids = request_ids.row_ids(rid, len(x))
         self._hand_to_monitor(ids, x, proba, version)
         preds = self.classes[proba.argmax(axis=1)]
-        rows = [{"id": i, "prediction": int(p), "probabilities": [round(float(q), 6) for q in pr]} for i, p, pr in zip(ids, preds, proba)]
+        rows = [{"id": i, "prediction": p.item(), "probabilities": [round(float(q), 6) for q in pr]} for i, p, pr in zip(ids, preds, proba)]
         return {"request_id": rid, "model": self.spec.name, "model_version": version, "predictions": rows}
 
     @fastapi_app.post("/feedback", summary="Record the ground-truth label of a served row, or a batch of labels")

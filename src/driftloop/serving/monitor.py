@@ -208,7 +208,7 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
         x, proba, version = batch["x"], batch["proba"], int(batch["version"])
         preds = np.asarray(self.spec.dataset.classes)[proba.argmax(axis=1)]
         for rid, p in zip(batch["ids"], preds):
-            self.known[rid] = (version, int(p))
+            self.known[rid] = (version, p.item())
         self.log_buffer.append((batch["ids"], batch["ts"], version, x, preds))
         self._bound_log_buffer()
         self.m_samples.inc(len(x))

@@ -174,7 +174,7 @@ class RowStores:
                            ["model_version", "prediction"], min(r.issued_at for r in rids) - 60,
                            max(r.issued_at for r in rids) + 60)
         by_id = {r.request_id: r for r in rids}
-        return {by_id[i]: (int(v), int(p)) for i, (v, p) in hits.items()}
+        return {by_id[i]: (int(v), self.spec.dataset.label_value(p)) for i, (v, p) in hits.items()}
 
     def _read_labels(self, rids: list[request_ids.RequestId]) -> dict[request_ids.RequestId, int]:
         """One filtered feedback-table read for every id waiting (a label is never older than its id)."""
@@ -183,4 +183,4 @@ class RowStores:
         hits = logs.lookup(logs.uris(self.settings, self.spec)["feedback"], [r.request_id for r in rids], ["label"],
                            min(r.issued_at for r in rids) - request_ids.CLOCK_SKEW_S)
         by_id = {r.request_id: r for r in rids}
-        return {by_id[i]: int(v[0]) for i, v in hits.items()}
+        return {by_id[i]: self.spec.dataset.label_value(v[0]) for i, v in hits.items()}

@@ -92,8 +92,8 @@ def parse_rows(payload: Any, features: list[str], max_rows: int = MAX_BATCH_ROWS
     return out
 
 
-def parse_feedback(payload: Any, classes: list[int]) -> tuple[str, int]:
-    """`{"request_id": str, "label": int}` with the label in the model's class domain."""
+def parse_feedback(payload: Any, classes: list) -> tuple[str, int | str]:
+    """`{"request_id": str, "label": int or str}` with the label in the model's class domain."""
     if not isinstance(payload, dict):
         raise InvalidInput('body must be a JSON object: {"request_id": "...", "label": 3}')
     extra = set(payload) - {"request_id", "label"}
@@ -105,6 +105,10 @@ def parse_feedback(payload: Any, classes: list[int]) -> tuple[str, int]:
     if not REQUEST_ID.fullmatch(rid):
         raise InvalidInput("request_id: not an id issued by /predict (copy 'request_id' or a row's 'id' from its answer)")
     label = payload.get("label")
+    if classes and isinstance(classes[0], str):  # the model's classes are names: the label is one of them
+        if not isinstance(label, str) or label not in classes:
+            raise InvalidInput(f"label: {label!r} is not one of the model's classes {classes}")
+        return rid, label
     if isinstance(label, bool) or not isinstance(label, (int, float)) or (isinstance(label, float) and not label.is_integer()):
         raise InvalidInput("label: must be an integer class")
     if int(label) not in classes:
