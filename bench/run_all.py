@@ -172,6 +172,9 @@ def headline(r: dict) -> list[str]:
                 row(f"digits phases, {ph}: after its swap", f"accuracy {'-' if acc is None else f'{acc:.3f}'}; {flagged} of {windows} "
                     f"later windows flagged; {v['retrains']} retrain(s)", ">= 0.85; <= 10 % flagged; <= 1 retrain",
                     acc is not None and acc >= 0.85 and flagged <= 0.1 * windows and v["retrains"] <= 1)
+    sk = r.get("soak") or {}
+    for name, tg in (sk.get("targets") or {}).items():
+        row(f"soak over HTTP, {name}", tg["measured"], tg["target"], tg["pass"])
     for name, sec in r.items():
         if isinstance(sec, dict) and "error" in sec:
             row(f"{name} section", f"failed: {sec['error']}", "runs", False)
@@ -365,13 +368,13 @@ def _render_soak(sk: dict | None) -> list[str]:
             + (f" (last error: {fl['monitor_maintenance']['error']})" if (fl.get("monitor_maintenance") or {}).get("error") else "")
             + (f"; the final maintenance failed: {fl['final_maintain']['error']}" if "error" in (fl.get("final_maintain") or {}) else "")
             + ".", "",
-            "| table | start | max stored, 1st half | max stored, 2nd half | end, before maintenance | after maintenance | verdict |",
-            "|---|---|---|---|---|---|---|"]
+            "| table | start | scheduled passes | most files a pass found | most a pass left | end, before maintenance | after final maintenance | verdict |",
+            "|---|---|---|---|---|---|---|---|"]
     pair = lambda c: "-" if not c or "active" not in c else f"{c['active']} / {c['stored']}"  # noqa: E731
     for kind, e in fl["tables"].items():
         ok = e.get("bounded") and e.get("small_after_maintain")
-        out.append(f"| {kind} | {pair(e.get('start'))} | {num(e.get('max_stored_first_half'), '{}')} | "
-                   f"{num(e.get('max_stored_second_half'), '{}')} | {pair(e.get('end'))} | {pair(e.get('after_maintain'))} | "
+        out.append(f"| {kind} | {pair(e.get('start'))} | {e.get('passes', '-')} | {num(e.get('max_before_a_pass'), '{}')} | "
+                   f"{num(e.get('max_after_a_pass'), '{}')} | {pair(e.get('end'))} | {pair(e.get('after_maintain'))} | "
                    f"{verdict(ok)}{' (' + e['error'] + ')' if e.get('error') else ''} |")
     out += ["", "| target | measured | verdict |", "|---|---|---|"]
     for name, v in tg.items():

@@ -51,8 +51,6 @@ MAINTENANCE_EVERY_S = 60.0
 MEMORY_GROWTH_MAX_PCT = 15.0
 LATENCY_RATIO_MAX = 1.2
 READ_RATIO_MAX = 1.5
-FILES_GROWTH_MAX = 1.5  # stored files, max over the 2nd half of the soak / max over the 1st half ...
-FILES_FLOOR = 50  # ... unless the 2nd half never holds more than this many files
 FILES_AFTER_MAINTAIN_MAX = 10  # per table, stored and active, after the final maintenance
 # drift: phase changes at these fractions of the soak (of PREDICTIONS, or of SOAK_CAP_S if that comes first), cycling
 # through PHASES; past the last one, while fewer than MIN_RETRAINS jobs succeeded, the phase moves on whenever a job
@@ -102,7 +100,7 @@ def run() -> dict:
     run_sweep(spec, s, verbose=0)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
-    sampler = _Sampler(s, spec)
+    sampler = _Sampler(s, spec, f"http://127.0.0.1:{port}/{APP}/drift")
     try:
         serve.run(Predictor.bind(DriftMonitor.bind(d), d, True, 256, FEEDBACK_RATE, FEEDBACK_BURST),
                   name=APP, route_prefix=f"/{APP}")
@@ -161,7 +159,8 @@ def run() -> dict:
         "progress": soak.progress,
         "jobs": jobs,
         "memory": _memory(sampler.rss, t0, t1, sampler.errors),
-        "files": _files(start["files"], end["files"], after_files, sampler.series, t0, t1, final_maintain, drift),
+        "files": _files(start["files"], end["files"], after_files, sampler.series, t0, t1, final_maintain, drift,
+                        sampler.passes),
         "latency": _latency(start["latency"], end["latency"]),
         "reads": _reads(start["read"], end["read"], jobs),
     }
@@ -376,16 +375,21 @@ def _brief(lat: dict) -> str:
     return ", ".join(f"/{k} p50 {v['p50_ms']} ms p99 {v['p99_ms']} ms" for k, v in lat.items())
 
 
-def _read(s, spec, repeats: int = 3) -> dict:
-    """Assemble the labelled rows the way a retraining job does: its watermark, then labelled_rows after it."""
-    from driftloop.data import logs
-    from driftloop.retrain import _watermark
+READ_ROWS = 1_000  # the reads are timed on the same amount of new data at start and end: the newest this many labels
 
-    uri = s.table_uri(spec.dataset.table)
-    times, rows, mark = [], 0, 0.0
+
+def _read(s, spec, repeats: int = 3) -> dict:
+    """Assemble labelled rows as a retraining job does (labelled_rows past a watermark), with the watermark put
+    READ_ROWS labels back, so start and end read the same amount of new data: an incremental read costs the same
+    however long the logs have grown, a full scan does not."""
+    from driftloop.data import logs, tables
+
+    fb = tables.read(logs.uris(s, spec)["feedback"], columns=["ts"], filters=[("ts", ">", time.time() - 600)])
+    ts = np.sort(fb["ts"].to_numpy())
+    mark = float(ts[-READ_ROWS - 1]) if len(ts) > READ_ROWS else 0.0
+    times, rows = [], 0
     for _ in range(repeats):
         t = time.perf_counter()
-        mark = _watermark(uri)
         rows = len(logs.labelled_rows(s, spec, after_ts=mark))
         times.append(time.perf_counter() - t)
     return {"seconds": round(statistics.median(times), 4), "runs_s": [round(x, 4) for x in times], "rows": rows, "after_ts": mark}
@@ -408,9 +412,10 @@ def _maintain(s, spec) -> dict:
 class _Sampler(threading.Thread):
     """RSS of the app's replicas and the proxy every SAMPLE_S; the log tables' file counts every FILES_EVERY_S."""
 
-    def __init__(self, settings, spec):
+    def __init__(self, settings, spec, drift_url: str | None = None):
         super().__init__(name="soak-sampler", daemon=True)
-        self.settings, self.spec = settings, spec
+        self.settings, self.spec, self.drift_url = settings, spec, drift_url
+        self.passes: dict[str, dict] = {}  # the monitor's scheduled maintenance passes, by their time
         self.rss: dict[str, dict] = {}  # actor id -> {"label", "class_name", "pid", "samples": [(t, MiB)]}
         self.series: list[dict] = []  # {"t": unix time, kind: {"active", "stored"} | {"error"}}
         self.errors: list[str] = []
@@ -429,6 +434,16 @@ class _Sampler(threading.Thread):
                 self._sample_rss()
             except Exception as err:
                 self.errors.append(f"rss: {type(err).__name__}: {err}"[:300])
+            if self.drift_url:
+                try:
+                    import httpx
+
+                    last = (httpx.get(self.drift_url, timeout=30).json().get("maintenance") or {}).get("last")
+                    if last and last.get("at"):
+                        self.passes[last["at"]] = {k: {f: v.get(f) for f in ("files_before", "files_after", "rows_expired")}
+                                                   for k, v in (last.get("tables") or {}).items()}
+                except Exception as err:
+                    self.errors.append(f"drift: {type(err).__name__}: {err}"[:300])
             if time.time() >= next_files:
                 next_files = time.time() + FILES_EVERY_S
                 self.series.append(self.files_now())
@@ -497,33 +512,32 @@ def _memory(rss: dict, t0: float, t1: float, errors: list[str]) -> dict:
             "ok": bool(actors) and all(e["within_target"] for e in actors.values())}
 
 
-def _files(start: dict, end: dict, after: dict, series: list[dict], t0: float, t1: float, final: dict, drift: dict) -> dict:
-    """Per log table: files at start, end and after the final maintenance, and the max stored in each half of the soak."""
-    def stored(kind: str, pts: list[dict]) -> int | None:
-        vals = [p[kind]["stored"] for p in pts if "stored" in (p.get(kind) or {})]
-        return max(vals) if vals else None
-
-    mid = (t0 + t1) / 2
+def _files(start: dict, end: dict, after: dict, series: list[dict], t0: float, t1: float, final: dict, drift: dict,
+           passes: dict | None = None) -> dict:
+    """Per log table: files at start and end, the most any scheduled maintenance pass found and left, and after the
+    final pass. Bounded: every pass leaves at most FILES_AFTER_MAINTAIN_MAX files, however long the run (between
+    passes the count is what one interval of commits adds)."""
+    passes = passes or {}
     tables = {}
     for kind in ("inference", "feedback", "drift_events"):
-        first = stored(kind, [start] + [p for p in series if t0 <= p["t"] <= mid])
-        second = stored(kind, [p for p in series if mid < p["t"] <= t1] + [end])
+        found = [p[kind]["files_before"] for p in passes.values() if (p.get(kind) or {}).get("files_before") is not None]
+        left = [p[kind]["files_after"] for p in passes.values() if (p.get(kind) or {}).get("files_after") is not None]
+        stored = [p[kind]["stored"] for p in [start, *series, end] if "stored" in (p.get(kind) or {})]
         errs = [p[kind]["error"] for p in (start, end, after) if "error" in (p.get(kind) or {})]
-        e = {"start": start.get(kind), "end": end.get(kind), "after_maintain": after.get(kind),
-             "max_stored_first_half": first, "max_stored_second_half": second,
-             "stored_ratio_second_over_first_half": round(second / first, 2) if first and second is not None else None}
-        if errs or first is None or second is None:
-            e.update(bounded=False, error=errs[0] if errs else "no file counts")
-        else:
-            aft = after.get(kind) or {}
-            e["bounded"] = second <= max(FILES_FLOOR, FILES_GROWTH_MAX * first)
-            e["small_after_maintain"] = (aft.get("active", 1e9) <= FILES_AFTER_MAINTAIN_MAX
-                                         and aft.get("stored", 1e9) <= FILES_AFTER_MAINTAIN_MAX)
+        aft = after.get(kind) or {}
+        e = {"start": start.get(kind), "end": end.get(kind), "after_maintain": aft, "passes": len(left),
+             "max_before_a_pass": max(found) if found else None, "max_after_a_pass": max(left) if left else None,
+             "max_stored_sampled": max(stored) if stored else None}
+        e["bounded"] = bool(left) and max(left) <= FILES_AFTER_MAINTAIN_MAX and not errs
+        e["small_after_maintain"] = (aft.get("active", 1e9) <= FILES_AFTER_MAINTAIN_MAX
+                                     and aft.get("stored", 1e9) <= FILES_AFTER_MAINTAIN_MAX)
+        if errs:
+            e["error"] = errs[0]
         tables[kind] = e
-    return {"tables": tables, "series": series, "final_maintain": final,
+    return {"tables": tables, "series": series, "final_maintain": final, "passes": passes,
             "monitor_maintenance": {k: v for k, v in (drift.get("maintenance") or {}).items() if k != "last"},
             "monitor_maintenance_last": (drift.get("maintenance") or {}).get("last"),
-            "ok": all(e.get("bounded") and e.get("small_after_maintain") for e in tables.values())}
+            "ok": all(e["bounded"] and e["small_after_maintain"] for e in tables.values())}
 
 
 def _ratio(a, b):
@@ -631,16 +645,17 @@ def _targets(r: dict) -> dict:
     add("memory", f"growth <= +{MEMORY_GROWTH_MAX_PCT:g} % per actor", mem["ok"],
         "; ".join(f"{k} {v['level_mib']} -> {v['end_mib']} MiB ({_signed_pct(v['growth_pct'])})"
                   for k, v in mem["actors"].items()) or "no samples")
-    add("files", f"bounded (2nd-half max stored <= max({FILES_FLOOR}, {FILES_GROWTH_MAX:g} x 1st-half max)); "
-        f"<= {FILES_AFTER_MAINTAIN_MAX} per table after maintenance", fl["ok"],
-        "; ".join(f"{k} stored max {v['max_stored_first_half']} -> {v['max_stored_second_half']}, after maintenance "
-                  f"{(v.get('after_maintain') or {}).get('active')} active / {(v.get('after_maintain') or {}).get('stored')} stored"
-                  + (f" ({v['error']})" if v.get("error") else "") for k, v in fl["tables"].items()))
+    add("files", f"every scheduled maintenance pass, and the final one, leaves <= {FILES_AFTER_MAINTAIN_MAX} files per table",
+        fl["ok"], "; ".join(f"{k}: {v['passes']} passes found up to {v['max_before_a_pass']} files and left at most "
+                            f"{v['max_after_a_pass']}; final {(v.get('after_maintain') or {}).get('active')} active / "
+                            f"{(v.get('after_maintain') or {}).get('stored')} stored" + (f" ({v['error']})" if v.get("error") else "")
+                            for k, v in fl["tables"].items()))
     add("latency", f"end/start <= {LATENCY_RATIO_MAX:g}x (p50 and p99, /predict and /feedback)", lat["ok"],
         "; ".join(f"{ep} {q} {lat['start'][ep][f'{q}_ms']} -> {lat['end'][ep][f'{q}_ms']} ms "
                   f"({lat[f'{ep}_{q}_ratio_end_over_start']}x)" for ep in ("predict", "feedback") for q in ("p50", "p99")))
     lr, db = rd["labelled_rows"], rd["data_build"]
-    add("reads", f"end/start <= {READ_RATIO_MAX:g}x (labelled rows read; jobs' data_build_s, last/first)", rd["ok"],
+    add("reads", f"end/start <= {READ_RATIO_MAX:g}x (labelled rows past a watermark {READ_ROWS:,} labels back; jobs' "
+        "data_build_s, last/first)", rd["ok"],
         f"labelled rows {lr['start']['seconds']} s ({lr['start']['rows']} rows) -> {lr['end']['seconds']} s ({lr['end']['rows']} rows) "
         f"= {lr['seconds_ratio_end_over_start']}x; data_build_s "
         + (f"{db['first']['data_build_s']} -> {db['last']['data_build_s']} s = {db['seconds_ratio_last_over_first']}x over {db['jobs']} jobs"
