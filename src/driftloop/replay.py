@@ -136,8 +136,9 @@ async def replay_async(
                     if labels:
                         rid = data["request_id"] if batch == 1 else data["predictions"][j]["id"]
                         waiting[i] = rid
-                        for k in sorted(k for k in waiting if k <= i - label_delay):
-                            await label(client, k, waiting.pop(k))
+                        due = [(k, waiting.pop(k)) for k in sorted(k for k in waiting if k <= i - label_delay)]
+                        for k, due_rid in due:  # taken out first: another answer's task must not send them too
+                            await label(client, k, due_rid)
                 if on_response:
                     on_response(i, data if batch == 1 else {**data, "request_id": data["predictions"][j]["id"],
                                                            "predictions": [data["predictions"][j]]})

@@ -37,8 +37,12 @@ def model_status(name: str, url: str | None = None, events: int = 10) -> dict[st
     if url:
         import httpx
 
+        base = url.rstrip("/")
+        base = base[: -len(name) - 1] if base.endswith(f"/{name}") else base  # the app's own URL works too
         try:
-            live = httpx.get(f"{url.rstrip('/')}/{name}/drift", timeout=10).json()
+            r = httpx.get(f"{base}/{name}/drift", timeout=10)
+            live = r.json() if r.status_code == 200 else {"error": f"{base}/{name}/drift answered HTTP {r.status_code}: "
+                                                                   f"{r.text.strip()[:200]}"}
         except Exception as err:
             live = {"error": f"cannot reach {url}: {err}"}
     return {"model": name, "champion": champ["version"] if champ else None, "drift_events": recent,
