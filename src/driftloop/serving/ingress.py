@@ -159,8 +159,8 @@ class Predictor(PollLoops):
         lim = self.feedback_limits
 
         def too_many() -> JSONResponse:
-            return _error(429, f"too many /feedback requests from {client}: at most {lim.rate:g}/s (burst {lim.burst:g}; "
-                               f"a batch costs one more per {LABELS_PER_TOKEN} labels); retry later", {"Retry-After": "1"})
+            return _error(429, f"too many /feedback requests from {client}: at most {lim.rate:g}/s (burst {lim.burst:g}), "
+                               f"a batch of labels one more per {LABELS_PER_TOKEN}; retry later", {"Retry-After": "1"})
 
         if not lim.allow(client):  # before reading the body: a flood costs no parsing
             return too_many()
