@@ -100,7 +100,9 @@ def test_clean_windows_raise_no_drift_then_noise_is_flagged_within_two_windows(a
     flagged = [e for e in clean_windows if e["is_drift"]]
     print(f"clean windows: {len(clean_windows)}, flagged: {len(flagged)}; p-values:",
           [round(min(d['p_val'] for d in e['detectors']), 4) for e in clean_windows])
-    assert not flagged
+    # the shipped set's false-alarm rate is about 1 % per clean window (make bench: 2 of 200), so 1 flag in 10 happens
+    # one run in ten; 2 in 10 would mean a rate several times the measured one
+    assert len(flagged) <= 1, flagged
     onset_window = st["window"]["index"]
     noisy = examples.digits_stream(pool, 2 * window, onset=0, kind="noise", severity=3, seed=12)
     assert send(app, noisy, batch=10).failed == 0
@@ -412,8 +414,10 @@ def test_the_predictor_scales_out_under_load_and_back_in(serve_url, serving_spec
         pool = examples.builtin("digits").pool
 
         def load():
+            from driftloop.replay import replay_async
+
             while not stop.is_set():
-                rep = send(f"{serve_url}/scaling", pool.iloc[:400], concurrency=16)
+                rep = asyncio.run(replay_async(serve_url, "scaling", pool.iloc[:400], F, "digit", rps=0, concurrency=16))
                 failed.append(rep.failed)
                 sent.append(rep.sent)
 
@@ -487,5 +491,5 @@ def test_scheduled_maintenance_compacts_the_logs_while_serving(app, settings, tr
     uri = logs.uris(settings, spec)["inference"]
     commits = len(tables._table(uri).history())
     days = tables.read(uri, columns=["day"])["day"].nunique()
-    assert commits > 20 and rep["files_after"] <= 2 * days, (commits, days, rep)
+    assert commits > 20 and rep["files_after"] <= days + 3, (commits, days, rep)  # appends go on during a pass
     assert maintenance.file_counts(uri)["active"] <= rep["files_after"] + 20  # only appends since that pass
