@@ -482,6 +482,8 @@ def test_scheduled_maintenance_compacts_the_logs_while_serving(app, settings, tr
     from driftloop.data import logs, maintenance, tables
 
     spec, _ = trained
+    assert send(app, examples.builtin("digits").pool.iloc[:50], batch=10).failed == 0  # rows to log, even run alone
+    time.sleep(3)  # the monitor's log flush (every 2 s)
     n = drift(app)["maintenance"].get("runs", 0)
     wait_for(lambda: drift(app)["maintenance"].get("runs", 0) > n, 60, what="one more scheduled maintenance pass")
     m = drift(app)["maintenance"]
