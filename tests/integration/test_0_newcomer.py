@@ -64,13 +64,7 @@ def test_serve_refuses_without_champion_then_sweep_joins_the_running_head(tmp_pa
     assert "'newcomer' has no champion yet" in refused.stderr and "driftloop sweep" in refused.stderr
     assert not (raytmp / "ray" / "ray_current_cluster").exists(), "a refused serve starts no Ray"
 
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    head_log = open(tmp_path / "head.log", "w")
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=2",
-                             "--disable-usage-stats", "--dashboard-agent-listen-port=0",
-                             f"--ray-client-server-port={free_port()}"],
-                            env={**os.environ, **env}, start_new_session=True, stdout=head_log, stderr=subprocess.STDOUT)
+    head = start_head({**os.environ, **env}, tmp_path / "head.log", cpus=2)
     try:
         dash = f"http://127.0.0.1:{DASHBOARD_PORT}"
         try:
@@ -90,19 +84,33 @@ def test_serve_refuses_without_champion_then_sweep_joins_the_running_head(tmp_pa
         assert f"newcomer: {url}/predict" in served.stdout
         assert httpx.get(f"{url}/healthz", timeout=30).json()["model_version"] == 1
     finally:
-        # SIGTERM first: `ray start --block` then stops its own processes; its workers (own process groups) exit
-        # once their raylet is gone. The group kill is the fallback. Nothing of any other Ray is touched.
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                head.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        head_log.close()
+        stop_head(head)
         shutil.rmtree(raytmp, ignore_errors=True)
+
+
+def start_head(env: dict, log: Path, cpus: int) -> subprocess.Popen:
+    """`ray start --head --block` on 127.0.0.1 with the dashboard on DASHBOARD_PORT, in its own process group."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
+                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", f"--num-cpus={cpus}",
+                                 "--disable-usage-stats", "--dashboard-agent-listen-port=0",
+                                 f"--ray-client-server-port={free_port()}"],
+                                env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    """SIGTERM first: `ray start --block` then stops its own processes; its workers (own process groups) exit once
+    their raylet is gone. The group kill is the fallback. Nothing of any other Ray is touched."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _free(port: int) -> bool:

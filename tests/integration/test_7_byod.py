@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,8 +23,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.integration.conftest import free_port, wait_for
-from tests.integration.test_0_newcomer import DASHBOARD_PORT, _free, _ok
+from tests.integration.conftest import wait_for
+from tests.integration.test_0_newcomer import DASHBOARD_PORT, _free, _ok, start_head, stop_head
 
 pytestmark = pytest.mark.slow
 
@@ -63,12 +62,7 @@ def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
 
     assert cli("init", "cancer.csv", "--label", "diagnosis").returncode == 0
     assert cli("data", "ingest", "cancer.csv", "--table", "cancer").returncode == 0
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=3",
-                             "--disable-usage-stats", "--dashboard-agent-listen-port=0",
-                             f"--ray-client-server-port={free_port()}"],
-                            env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
+    head = start_head(env, tmp_path / "head.log", cpus=3)
     try:
         wait_for(lambda: (raytmp / "ray" / "ray_current_cluster").exists() and _ok(f"http://127.0.0.1:{DASHBOARD_PORT}/api/version"),
                  120, what="the local head")
@@ -102,15 +96,7 @@ def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
         assert st.returncode == 0 and f"model cancer: champion version {swapped['model_version']}" in st.stdout, st.stdout
         assert "SUCCEEDED" in st.stdout and f"live: serving v{swapped['model_version']}" in st.stdout
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                head.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
+        stop_head(head)
         _kill_leftovers(work / ".driftloop")
         shutil.rmtree(raytmp, ignore_errors=True)
 
