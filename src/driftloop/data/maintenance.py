@@ -69,10 +69,21 @@ def _retry(what: str, fn):
             time.sleep(0.2 * (attempt + 1))
 
 
+# Row groups of a compacted file. Compaction writes a day's files as one (Parquet's default row group is ~1M rows),
+# and a read bounded by time (the labels past a watermark, the inference rows of their ids) then decodes the whole
+# day: the soak measured 0.08 s -> 0.51 s for the same 1,000 labelled rows. The files a pass merges come in appending
+# order by pass, so small row groups each span a short time and their min/max statistics let the scan skip the rest
+# (0.25 s -> 0.035 s for 1,000 rows of a 300,000-row day here).
+ROW_GROUP_ROWS = 8192
+
+
 def compact(uri: str) -> dict[str, int]:
     """Bin-pack each day's small files into few large ones (one atomic commit; readers see the same rows)."""
+    from deltalake import WriterProperties
+
     before = file_counts(uri)["active"]
-    _retry(f"compacting {uri}", lambda: tables._table(uri).optimize.compact())
+    props = WriterProperties(max_row_group_size=ROW_GROUP_ROWS)
+    _retry(f"compacting {uri}", lambda: tables._table(uri).optimize.compact(writer_properties=props))
     return {"files_before": before, "files_after": file_counts(uri)["active"]}
 
 
