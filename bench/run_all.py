@@ -30,7 +30,7 @@ def main() -> int:
         results |= {k: v for k, v in kept.items() if k not in only and k not in ("machine", "started")}
         results["started"] = kept.get("started", results["started"])
         results["rerun"] = kept.get("rerun", {})
-    for name in ("detection", "footprint", "serving", "training", "loop", "backtest", "live", "soak"):
+    for name in ("detection", "tabular", "footprint", "serving", "training", "loop", "backtest", "live", "soak"):
         if only and name not in only:
             continue
         t = time.perf_counter()
@@ -114,6 +114,16 @@ def headline(r: dict) -> list[str]:
             row(f"delay, onset at a random offset in a window ({col})",
                 f"median {v['median_rows']:.0f} rows, p90 {v['p90_rows']:.0f} rows ({v['detected']} detected)"
                 if v["median_rows"] is not None else f"not detected ({v['detected']})", "within one window after the onset's window", None)
+    tb = r.get("tabular") or {}
+    if "cells" in tb:
+        strongest = {c["shift"]: c for c in tb["cells"]}  # the last level of each shift is its strongest
+        for what, c in strongest.items():
+            row(f"detection on a table of your own: {what} {c['from']:.2f} -> {c['to']:.2f} ({c['detector']})",
+                _rate(c["detected"], c["streams"]) + " of windows flagged, the first after the onset",
+                "flagged in the first window", c["detected"] / c["streams"] >= 0.9)
+        fa = tb["false_alarms"]
+        row("false alarms on a table of your own (TabularDrift + missing rate, OR)", _rate(fa["flagged"], fa["windows"]),
+            "<= 1 %", fa["flagged"] / fa["windows"] <= 0.01)
     lp = (r.get("loop") or {}).get("summary")
     if lp and not lp.get("seconds_onset_to_swap"):
         row("onset -> new champion answering (`demo --quick`)", "no swap happened", "<= 120 s", False)
@@ -315,9 +325,21 @@ def render(r: dict) -> str:
         out += ["", "| onset -> swap, by stage | seconds |", "|---|---|"]
         out += [f"| {k} | {v:.1f} |" for k, v in lp.get("onset_to_swap_by_stage_s", {}).items()]
         out += ["", "Target: <= 120 s onset to swap. The figure includes waiting for 600 labelled drifted rows (min_labelled_rows) at the replay's pace.", ""]
+    tb = r.get("tabular")
+    if tb and "cells" in tb:
+        out += ["## Detection on a table of your own (categorical and missing-rate shifts)", "",
+                f"Two numbers (one missing in {100 * tb['cells'][-1]['from']:.0f} % of rows), a 4-valued and a 30-valued "
+                f"category; reference {tb['reference_rows']} rows, window {tb['window']} rows; the detectors `driftloop init` "
+                f"writes ({', '.join(tb['detectors'])}). Windows flagged in the first window after the onset, over "
+                f"{tb['streams']} seeded streams:", "", "| shift | from | to | detector | flagged |", "|---|---|---|---|---|"]
+        out += [f"| {c['shift']} | {c['from']:.2f} | {c['to']:.2f} | {c['detector']} | {c['detected']}/{c['streams']} |"
+                for c in tb["cells"]]
+        fa = tb["false_alarms"]
+        out += ["", f"False alarms on {fa['windows']} clean windows: {_rate(fa['flagged'], fa['windows'])} flagged by either "
+                f"(" + ", ".join(f"{k} {fa[k]}" for k in tb["detectors"]) + ").", ""]
     out += _render_backtest(r.get("backtest"), r.get("live"))
     out += _render_soak(r.get("soak"))
-    for name in ("serving", "detection", "footprint", "training", "loop", "backtest", "live", "soak"):
+    for name in ("serving", "detection", "tabular", "footprint", "training", "loop", "backtest", "live", "soak"):
         if name in r and "error" in r[name]:
             out += [f"**{name} failed:** {r[name]['error']}", ""]
     return "\n".join(out)

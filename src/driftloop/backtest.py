@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from driftloop.config import Spec, SpecError
+from driftloop.features import encode_frame
 from driftloop.settings import Settings
 
 BUILTIN_STREAMS = ("builtin:rainfall", "builtin:digits-phases")
@@ -214,7 +215,7 @@ def _retrain(settings: Settings, lane: Lane, stream: Stream, trig, now: float, s
         request_id=[f"r{i}" for i in range(served_upto)], ts=stream.times[:served_upto])
     trained_ids = {f"r{i}" for i in range(lane.in_table)}
     reference = pick_reference(spec.retraining.reference, served, ds.features, trained_ids, since,
-                               spec.drift.reference_rows, reference_min_rows(spec))
+                               spec.drift.reference_rows, reference_min_rows(spec), lambda f: encode_frame(f, ds))
     tags = {"driftloop.kind": "backtest", "backtest.id": stamp, "backtest.strategy": lane.strategy,
             "lineage.cause": trig.cause or "schedule", "lineage.trigger": trig.reason[:250]}
     stages: dict[str, float] = {}
@@ -249,7 +250,7 @@ def run_lane(settings: Settings, spec: Spec, stream: Stream, strategy: str, vers
     lane = Lane(strategy, lspec, model, version, core, every=int(strategy[9:]) if strategy.startswith("periodic:") else None,
                 swapped_at=float(stream.times[0]))
     ds = lspec.dataset
-    x_all = stream.rows[ds.features].to_numpy(np.float32)
+    x_all = encode_frame(stream.rows, ds)
     y_all = stream.rows[ds.label].to_numpy(object if ds.string_labels else np.int64)
     classes = np.asarray(ds.classes, dtype=object if ds.string_labels else np.int64)
     pred_all = np.empty(len(y_all), dtype=classes.dtype)

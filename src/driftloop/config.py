@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,34 @@ def expand_names(names: list[str]) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _category_index(categories: tuple[str, ...]) -> dict[str, int]:
+    return {c: i for i, c in enumerate(categories)}
+
+
+class CategoricalSpec(_Strict):
+    categories: list[str] = Field(min_length=1, description="the column's known values, in the model's order")
+    unseen: Literal["refuse", "other"] = Field(
+        default="other", description="a value outside `categories` at serving time: refused with 422 naming the known "
+        "ones (refuse), or encoded as no known category, as scikit-learn's handle_unknown='ignore' (other)")
+
+    @field_validator("categories")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate categories: {sorted({c for c in v if v.count(c) > 1})}")
+        return v
+
+    @property
+    def index(self) -> dict[str, int]:
+        """Category name -> its code (cached: the request path looks values up in it)."""
+        return _category_index(tuple(self.categories))
+
+
+# a categorical column with more values than this is embedded (a learned vector per value) instead of one-hot coded
+EMBED_ABOVE = 16
+
+
 class DatasetSpec(_Strict):
     source: str = Field(description="builtin:digits, builtin:rainfall, or a CSV/Parquet path")
     table: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
@@ -42,6 +71,12 @@ class DatasetSpec(_Strict):
     label: str
     classes: list[int] | list[str] = Field(min_length=2, description="the label's values: integers, or strings "
                                            "(e.g. [benign, malignant]; predictions and feedback use them as they are)")
+    categorical: dict[str, CategoricalSpec] = Field(default_factory=dict, description="features whose values are "
+                                                    "names (one-hot coded in the model, or embedded above 16 values)")
+    missing: dict[str, Literal["refuse", "impute"]] = Field(
+        default_factory=dict, description="per feature: a missing value (null) is refused (the default for a feature not "
+        "listed), or imputed with the training rows' median (numeric) or most frequent value (categorical), which the "
+        "model carries")
     time_column: str | None = None
     min_rows: int = Field(default=1, ge=1)
     max_rows: int = Field(default=5_000_000, ge=1)
@@ -75,6 +110,15 @@ class DatasetSpec(_Strict):
         value = value.item() if hasattr(value, "item") else value
         return str(value) if self.string_labels else int(value)
 
+    @property
+    def cardinalities(self) -> list[int]:
+        """Per feature: 0 for a number, else its number of categories."""
+        return [len(self.categorical[f].categories) if f in self.categorical else 0 for f in self.features]
+
+    @property
+    def imputed(self) -> list[str]:
+        return [f for f in self.features if self.missing.get(f) == "impute"]
+
     @field_validator("split")
     @classmethod
     def _split_sums(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -86,6 +130,10 @@ class DatasetSpec(_Strict):
     def _label_not_feature(self) -> "DatasetSpec":
         if self.label in self.features:
             raise ValueError(f"label {self.label!r} is also listed as a feature")
+        for what, cols in (("categorical", self.categorical), ("missing", self.missing)):
+            unknown = [c for c in cols if c not in self.features]
+            if unknown:
+                raise ValueError(f"{what}: {unknown[0]!r} is not one of the features")
         if self.min_rows > self.max_rows:
             raise ValueError("min_rows is larger than max_rows")
         return self
@@ -155,7 +203,9 @@ class SweepSpec(_Strict):
 
 
 class DetectorSpec(_Strict):
-    kind: Literal["ks", "cvm", "mmd", "lsdd", "bbsd", "cvm_online", "mmd_online"]
+    kind: Literal["ks", "cvm", "mmd", "lsdd", "bbsd", "cvm_online", "mmd_online", "missing"] = Field(
+        description="ks: per-feature KS (chi-square on categorical features); missing: chi-square on the missing rate "
+        "of each imputed feature (added by itself when a feature is imputed)")
     correction: Literal["bonferroni", "fdr"] = "bonferroni"
     ert: int = Field(default=1000, ge=10, description="expected run time of an online detector")
     window_sizes: list[int] = Field(default=[50])

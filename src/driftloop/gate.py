@@ -50,7 +50,8 @@ def register_and_gate(spec: Spec, settings: Settings, dv: DataVersion, checkpoin
     x_ref = reference.x
     with tempfile.TemporaryDirectory() as tmp:
         det_dir = fit_detectors(spec.drift, x_ref, predict_proba(proba_model, x_ref), spec.dataset.features,
-                                Path(tmp) / "detectors", seed=spec.dataset.seed)
+                                Path(tmp) / "detectors", seed=spec.dataset.seed,
+                                cardinalities=spec.dataset.cardinalities, imputed=spec.dataset.imputed)
         tags = {"hparams": json.dumps(hp), "reference.source": reference.source[:250],
                 "reference.rows": str(min(len(x_ref), spec.drift.reference_rows)), **(extra_tags or {})}
         bundle = registry.register_bundle(settings, spec, classifier, det_dir, dv, run_id, metrics, tags)

@@ -15,6 +15,8 @@ import pandas as pd
 from driftloop.data.ingest import SourceError, load_source
 
 MAX_CLASSES = 50  # an integer label with more distinct values than this looks like a quantity, not a class
+MAX_CATEGORIES = 1000  # a text column with more distinct values than this (or than half the rows) looks like an id
+MAX_MISSING = 0.5  # a column missing in more than this fraction of rows is left out, not imputed
 
 
 class InitError(ValueError):
@@ -28,6 +30,8 @@ class Inferred:
     label: str
     features: list[str]
     skipped: dict[str, str]  # column -> why it is not a feature
+    categorical: dict[str, list[str]]  # feature -> its values, most frequent first
+    imputed: dict[str, float]  # feature -> fraction of rows missing it
     classes: list[int] | list[str]
     counts: dict
     time_column: str | None
@@ -78,29 +82,40 @@ def infer(data: str, label: str, name: str | None = None, time_column: str | Non
     if len(classes) > MAX_CLASSES:
         raise InitError(f"label {label!r} has {len(classes)} distinct values: that looks like a quantity (regression, "
                         f"not supported yet), not at most {MAX_CLASSES} classes")
-    features, skipped = [], {}
+    features, skipped, categorical, imputed = [], {}, {}, {}
     for col in df.columns:
         if col in (label, time_column):
             continue
         s = df[col]
+        missing = float(s.isna().mean())
+        numeric = pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)
         if not isinstance(col, str) or not col or re.search(r"[ ,;{}()\n\t=]", col):
             skipped[str(col)] = "its name has a character a Delta column cannot (space , ; { } ( ) = tab); rename it"
-        elif pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
-            skipped[col] = f"not numeric ({s.dtype}); categorical features are not supported yet"
-        elif s.isna().any() or not np.isfinite(s.to_numpy(dtype=np.float64)).all():
-            skipped[col] = f"{int((~np.isfinite(s.to_numpy(dtype=np.float64))).sum())} missing/inf values"
+        elif missing > MAX_MISSING:
+            skipped[col] = f"missing in {missing:.0%} of rows (more than {MAX_MISSING:.0%})"
         elif s.nunique() < 2:
             skipped[col] = "constant"
+        elif numeric and np.isinf(s.to_numpy(dtype=np.float64)).any():
+            skipped[col] = f"{int(np.isinf(s.to_numpy(dtype=np.float64)).sum())} inf values"
+        elif not numeric and s.nunique() > min(MAX_CATEGORIES, len(df) / 2):
+            skipped[col] = f"text with {s.nunique()} distinct values: an identifier or free text, not a category"
         else:
             features.append(col)
+            if not numeric:
+                counts = s.dropna().astype(str).value_counts()
+                categorical[col] = sorted(counts.index, key=lambda v: (-counts[v], v))
+            if missing:
+                imputed[col] = missing
     if not features:
         why = "; ".join(f"{c}: {w}" for c, w in list(skipped.items())[:4])
-        raise InitError(f"{data}: no usable feature column (numeric, no missing values, not constant){': ' + why if why else ''}")
+        raise InitError(f"{data}: no usable feature column (not constant, not mostly missing, not an id)"
+                        f"{': ' + why if why else ''}")
     n = len(df)
     window = int(min(500, max(50, n // 10)))
     width = int(min(128, max(16, 2 ** math.ceil(math.log2(max(len(features), 2) * 2)))))
     return Inferred(
-        name=name or _name_of(path), source=str(path), label=label, features=features, skipped=skipped, classes=classes,
+        name=name or _name_of(path), source=str(path), label=label, features=features, skipped=skipped,
+        categorical=categorical, imputed=imputed, classes=classes,
         counts={(k if isinstance(k, str) else int(k)): int(v) for k, v in y.value_counts().items()}, time_column=time_column, rows=n, window=window,
         reference_rows=int(min(1000, max(10, round(n * 0.3)))), hidden=[width, max(8, width // 2)],
         batch_size=int(min(128, max(16, 2 ** round(math.log2(max(n / 50, 1)))))))
@@ -121,6 +136,17 @@ def spec_text(inf: Inferred) -> str:
     skipped = "".join(f"\n#   {c}: {w}" for c, w in inf.skipped.items()) or " none"
     counts = ", ".join(f"{c}: {inf.counts[c]}" for c in inf.classes)
     features = "\n".join(f"    - {quote(f)}" for f in inf.features)
+    cat_lines = "".join(
+        f"    {quote(c)}:                 # {len(v)} values in the file, most frequent first\n"
+        f"      categories: {_flow(v)}\n"
+        f"      unseen: other           # a value not listed: no category (one-hot all zero); `refuse`: 422\n"
+        for c, v in inf.categorical.items())
+    categorical = (f"  categorical:                  # text columns: one-hot coded in the model (embedded above 16 values)\n"
+                   f"{cat_lines}") if inf.categorical else ""
+    missing = ("  missing:                      # columns with missing values: imputed with the training median (a number)"
+               " or most frequent value (a category); the missing rate is monitored for drift; unlisted columns refuse"
+               " a missing value\n" + "".join(f"    {quote(c)}: impute           # missing in {r:.1%} of rows\n"
+                                                for c, r in inf.imputed.items())) if inf.imputed else ""
     time_line = f"  time_column: {quote(inf.time_column)}   # --time-column: kept beside the features, not learned from\n" if inf.time_column else ""
     return f"""# Model spec written by `driftloop init {inf.source} --label {inf.label}`: {inf.rows} rows, {len(inf.features)} features.
 # Every value below was inferred from the file; change any of them. Columns not used as features:{skipped}
@@ -129,10 +155,10 @@ task: classification            # the label has {len(inf.classes)} {"class names
 dataset:
   source: {quote(inf.source)}
   table: {quote(inf.name)}      # the Delta table `driftloop data ingest` appends to
-  features:                     # numeric columns with no missing values and more than one value
+  features:                     # columns with more than one value, missing in at most half the rows
 {features}
   feature_dtype: float
-  label: {quote(inf.label)}
+{categorical}{missing}  label: {quote(inf.label)}
   classes: {_flow(inf.classes)}   # rows per class in the file: {counts}
 {time_line}  min_rows: 10
   split: [0.7, 0.15, 0.15]      # train / validation / test; validation + test are the detectors' reference
@@ -157,9 +183,9 @@ drift:
   p_val: 0.01
   reference_rows: {inf.reference_rows}           # at most 30 % of the file (the held-out splits supply them)
   detectors:
-    - {{kind: ks, correction: bonferroni}}   # per-feature Kolmogorov-Smirnov on the inputs
+    - {{kind: ks, correction: bonferroni}}   # per-feature Kolmogorov-Smirnov on the inputs (chi-square on categories)
     - {{kind: bbsd}}                         # black-box shift detection on the model's outputs
-retraining:
+{"    - {kind: missing}                      # chi-square on the missing rate of each imputed column" + chr(10) if inf.imputed else ""}retraining:
   policy: {{k: 2, m: 3}}           # drift in two of the last three windows triggers a retrain
   cooldown_s: 300
   min_labelled_rows: {inf.window}         # at least one window of labelled production rows first

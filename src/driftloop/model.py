@@ -1,4 +1,5 @@
-"""The spec's torch model: an MLP that carries its own input standardisation, so it takes raw features."""
+"""The spec's torch model: an MLP that carries its own input preparation (imputation of missing values,
+standardisation, one-hot or embedded categories), so it takes the feature matrix of driftloop.features as it is."""
 
 from __future__ import annotations
 
@@ -7,15 +8,33 @@ import torch
 from torch import nn
 
 
-class MLPClassifier(nn.Module):
-    """Raw features in, class logits out; mean/std are buffers so the exported model is self-contained."""
+def embedding_width(k: int) -> int:
+    """fastai's rule of thumb for a categorical embedding's width, capped at 16."""
+    return int(min(16, round(1.6 * k ** 0.56)))
 
-    def __init__(self, n_features: int, n_classes: int, hidden: list[int], dropout: float = 0.0):
+
+class MLPClassifier(nn.Module):
+    """Feature matrix in, class logits out. Fill values, mean/std and the category layout are buffers and modules,
+    so the exported model is self-contained. `cardinalities[j]` is 0 for a numeric column, else its number of
+    categories: up to EMBED_ABOVE they are one-hot coded (an unseen code, -1, is all zeros), above it embedded."""
+
+    def __init__(self, n_features: int, n_classes: int, hidden: list[int], dropout: float = 0.0,
+                 cardinalities: list[int] | None = None):
+        from driftloop.config import EMBED_ABOVE
+
         super().__init__()
+        card = list(cardinalities or [0] * n_features)
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
+        self.register_buffer("fill", torch.zeros(n_features))
+        self.numeric = [j for j, k in enumerate(card) if k == 0]
+        self.onehot = [(j, k) for j, k in enumerate(card) if 0 < k <= EMBED_ABOVE]
+        embedded = [(j, k) for j, k in enumerate(card) if k > EMBED_ABOVE]
+        self.embedded = [j for j, _ in embedded]
+        self.embeddings = nn.ModuleList(nn.Embedding(k + 1, embedding_width(k)) for _, k in embedded)  # 0: unseen
+        self.plain = not (self.onehot or self.embedded)
         layers: list[nn.Module] = []
-        width = n_features
+        width = len(self.numeric) + sum(k for _, k in self.onehot) + sum(embedding_width(k) for _, k in embedded)
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
             width = h
@@ -23,15 +42,38 @@ class MLPClassifier(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def set_standardisation(self, x: np.ndarray) -> None:
-        """Fit mean/std on training features (constant columns get std 1)."""
-        mean = x.mean(axis=0)
-        std = x.std(axis=0)
+        """Fit the fill values (median of a number, most frequent code of a category; 0 where a column has no value)
+        and mean/std (of the filled numbers; constant columns get std 1) on training features."""
+        x = np.asarray(x, dtype=np.float64)
+        fill = np.zeros(x.shape[1])
+        categorical = {j for j, _ in self.onehot} | set(self.embedded)
+        for j in range(x.shape[1]):
+            col = x[:, j][~np.isnan(x[:, j])]
+            if j in categorical:
+                col = col[col >= 0]
+                fill[j] = np.bincount(col.astype(np.int64)).argmax() if len(col) else 0.0
+            elif len(col):
+                fill[j] = np.median(col)
+        filled = np.where(np.isnan(x), fill, x)
+        mean, std = filled.mean(axis=0), filled.std(axis=0)
         std[std < 1e-6] = 1.0
+        for j in categorical:
+            mean[j], std[j] = 0.0, 1.0
+        self.fill.copy_(torch.as_tensor(fill, dtype=torch.float32))
         self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.std.copy_(torch.as_tensor(std, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+        x = torch.where(torch.isnan(x), self.fill, x)
+        z = (x - self.mean) / self.std
+        if self.plain:
+            return self.net(z)
+        parts = [z[:, self.numeric]] if self.numeric else []
+        for j, k in self.onehot:
+            parts.append((x[:, j : j + 1] == torch.arange(k, dtype=x.dtype, device=x.device)).to(x.dtype))
+        for j, emb in zip(self.embedded, self.embeddings):
+            parts.append(emb((x[:, j] + 1).clamp(0, emb.num_embeddings - 1).long()))
+        return self.net(torch.cat(parts, dim=1))
 
 
 class Probabilities(nn.Module):
@@ -45,8 +87,9 @@ class Probabilities(nn.Module):
         return torch.softmax(self.classifier(x), dim=-1)
 
 
-def build_model(n_features: int, n_classes: int, hidden: list[int], dropout: float) -> MLPClassifier:
-    return MLPClassifier(n_features, n_classes, list(hidden), float(dropout))
+def build_model(n_features: int, n_classes: int, hidden: list[int], dropout: float,
+                cardinalities: list[int] | None = None) -> MLPClassifier:
+    return MLPClassifier(n_features, n_classes, list(hidden), float(dropout), cardinalities)
 
 
 @torch.no_grad()

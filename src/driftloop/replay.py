@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from driftloop.data import examples
+from driftloop.features import json_value
 
 
 class ScenarioError(ValueError):
@@ -97,7 +98,9 @@ async def replay_async(
     rep = ReplayReport()
     base = f"{url.rstrip('/')}/{app.strip('/')}"
     sem = asyncio.Semaphore(concurrency)
-    xs = df[features].to_numpy(dtype=float)
+    numeric = all(pd.api.types.is_numeric_dtype(df[f]) for f in features)
+    # a file's own values: numbers, category names, and null where a value is missing
+    xs = df[features].to_numpy(dtype=float) if numeric else df[features].to_numpy(dtype=object)
     ys = df[label].to_numpy() if label in df.columns else None
     t0 = time.monotonic()
 
@@ -110,7 +113,7 @@ async def replay_async(
 
     async def one(client: httpx.AsyncClient, idx: range) -> None:
         async with sem:
-            rows = [{f: float(v) for f, v in zip(features, xs[i])} for i in idx]
+            rows = [{f: (float(v) if numeric and v == v else json_value(v)) for f, v in zip(features, xs[i])} for i in idx]
             body = {"row": rows[0]} if batch == 1 else {"rows": rows}
             start = time.monotonic()
             try:

@@ -82,6 +82,7 @@ def _reference(settings: Settings, spec: Spec, drift_event: str | None, champion
                trained_ids: set[str]):
     """The new champion's drift reference: served rows since the drift began (drift/reference.py)."""
     from driftloop.drift.reference import onset, pick_reference
+    from driftloop.features import encode_frame
     from driftloop.data import logs
 
     u = logs.uris(settings, spec)
@@ -95,7 +96,7 @@ def _reference(settings: Settings, spec: Spec, drift_event: str | None, champion
     cols = ["request_id", "ts", *spec.dataset.features]
     served = logs.read_or_empty(u["inference"], cols, filters=[("ts", ">=", since)] if since else None)
     return pick_reference(spec.retraining.reference, served, spec.dataset.features, trained_ids, since,
-                          spec.drift.reference_rows, reference_min_rows(spec))
+                          spec.drift.reference_rows, reference_min_rows(spec), lambda f: encode_frame(f, spec.dataset))
 
 
 def run_retrain(spec: Spec, settings: Settings, job_id: str, reason: str, drift_event: str | None = None,
@@ -170,6 +171,7 @@ def train_and_gate(spec: Spec, settings: Settings, dv, hp: dict[str, Any], run_n
     gate: the step that live retraining and the backtest share. The gate scores on `eval_rows` (the test split
     when there are none)."""
     from driftloop import registry
+    from driftloop.features import encode_frame
     from driftloop.gate import register_and_gate
     from driftloop.sweep import data_sample
     from driftloop.train import make_trainer
@@ -198,7 +200,7 @@ def train_and_gate(spec: Spec, settings: Settings, dv, hp: dict[str, Any], run_n
         t2 = time.time()
         x_eval = y_eval = label = None
         if len(eval_rows):
-            x_eval = eval_rows[spec.dataset.features].to_numpy(np.float32)
+            x_eval = encode_frame(eval_rows, spec.dataset)
             y_eval = eval_rows[spec.dataset.label].to_numpy(object if spec.dataset.string_labels else np.int64)
             label = f"{len(eval_rows)} recent labelled production rows (held out)"
         with result.checkpoint.as_directory() as ckpt:

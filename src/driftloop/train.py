@@ -32,7 +32,9 @@ class Splits:
 def split_frame(df, spec: Spec) -> Splits:
     """Seeded split of a table snapshot; the same version and seed always give the same rows."""
     ds = spec.dataset
-    x = df[ds.features].to_numpy(dtype=np.float32)
+    from driftloop.features import encode_frame
+
+    x = encode_frame(df, ds)
     y = df[ds.label].to_numpy(dtype=object if ds.string_labels else np.int64)
     order = np.random.default_rng(ds.seed).permutation(len(df))
     n_train = int(round(ds.split[0] * len(df)))
@@ -95,7 +97,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     splits = load_splits(spec, dv, config.get("tail_rows"))
     torch.manual_seed(spec.training.seed)
 
-    model = build_model(spec.n_features, spec.n_classes, hp["hidden"], hp["dropout"])
+    model = build_model(spec.n_features, spec.n_classes, hp["hidden"], hp["dropout"], spec.dataset.cardinalities)
     model.set_standardisation(splits.x_train)
     start_epoch = 0
     ckpt = ray.train.get_checkpoint()
@@ -193,6 +195,6 @@ def load_checkpoint_model(spec: Spec, checkpoint_dir: str | Path):
 
     state = torch.load(Path(checkpoint_dir) / "model.pt", weights_only=True)
     hp = state["hp"]
-    model = build_model(spec.n_features, spec.n_classes, hp["hidden"], hp["dropout"])
+    model = build_model(spec.n_features, spec.n_classes, hp["hidden"], hp["dropout"], spec.dataset.cardinalities)
     model.load_state_dict(state["model"])
     return model.eval(), hp, int(state["epoch"])

@@ -2,9 +2,12 @@
 written beyond what `driftloop init` produced: a table file -> init -> data ingest -> sweep -> serve -> replay of a
 shifted stream of the user's own rows with labels (delayed) -> drift -> retraining job -> swap -> status.
 
-scikit-learn's breast-cancer table (569 rows, 30 numeric features, labels "benign"/"malignant" as strings): 400 rows
-are the history the model learns from; production is the rows it never saw, resampled, with the size features shifted
-upwards (another scanner calibration), which the champion misreads. A local head of its own (`ray start`, private RAY_TMPDIR), as
+scikit-learn's breast-cancer table (569 rows, 30 numeric features, labels "benign"/"malignant" as strings), with two
+text columns added (the scanner, 3 makes; the referring clinic, 24 of them, so one is one-hot coded and one embedded)
+and values missing from two columns (a number and the scanner): 400 rows are the history the model learns from;
+production is the rows it never saw, resampled, with the size features shifted upwards (another scanner calibration,
+which the champion misreads), most rows from one scanner make, and the smoothness reading missing three times as
+often. A local head of its own (`ray start`, private RAY_TMPDIR), as
 in the newcomer test; the generated Serve config's port (8000) must be free."""
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from deltalake import DeltaTable
+
+from driftloop.features import json_value
 
 from tests.integration.conftest import wait_for
 from tests.integration.test_0_newcomer import DASHBOARD_PORT, _free, _ok, start_head, stop_head
@@ -35,12 +42,22 @@ def _tables(folder: Path) -> None:
     df = ds.load_breast_cancer(as_frame=True).frame.rename(columns=lambda c: c.replace(" ", "_"))
     df["diagnosis"] = np.where(df.pop("target") == 1, "benign", "malignant")  # class names, as a hospital writes them
     rng = np.random.default_rng(0)
+    df["scanner"] = rng.choice(MAKES, len(df)).astype(object)
+    df["clinic"] = rng.choice([f"clinic-{i:02d}" for i in range(24)], len(df))
     order = rng.permutation(len(df))
-    df.iloc[order[:400]].to_csv(folder / "cancer.csv", index=False)
+    hist = df.iloc[order[:400]].copy()
+    hist.loc[rng.random(len(hist)) < 0.10, "mean_smoothness"] = np.nan
+    hist.loc[rng.random(len(hist)) < 0.05, "scanner"] = None
+    hist.to_csv(folder / "cancer.csv", index=False)
     prod = df.iloc[order[400:]].sample(n=700, replace=True, random_state=1).reset_index(drop=True)
     size = [c for c in df.columns if c.endswith(("radius", "perimeter", "area", "texture"))]
     prod[size] = prod[size] + 2.5 * df[size].std()  # every size reading reads high: benign ones look malignant
+    prod["scanner"] = np.where(rng.random(len(prod)) < 0.8, MAKES[0], prod["scanner"])
+    prod.loc[rng.random(len(prod)) < 0.30, "mean_smoothness"] = np.nan
     prod.to_csv(folder / "production.csv", index=False)
+
+
+MAKES = ["acme", "globex", "initech"]
 
 
 def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
@@ -60,7 +77,12 @@ def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
         print(f"$ driftloop {' '.join(args)} -> {r.returncode}\n{r.stdout[-1500:]}{r.stderr[-1500:] if r.returncode else ''}")
         return r
 
-    assert cli("init", "cancer.csv", "--label", "diagnosis").returncode == 0
+    made = cli("init", "cancer.csv", "--label", "diagnosis")
+    assert made.returncode == 0
+    written = yaml.safe_load((work / "configs" / "cancer.yaml").read_text())["dataset"]
+    assert written["categorical"]["scanner"]["categories"] == sorted(MAKES, key=lambda m: -int(
+        (pd.read_csv(work / "cancer.csv")["scanner"] == m).sum())) and len(written["categorical"]["clinic"]["categories"]) == 24
+    assert written["missing"] == {"mean_smoothness": "impute", "scanner": "impute"}, written
     assert cli("data", "ingest", "cancer.csv", "--table", "cancer").returncode == 0
     head = start_head(env, tmp_path / "head.log", cpus=3)
     try:
@@ -70,10 +92,17 @@ def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
         assert cli("serve", "serve_configs/cancer.yaml").returncode == 0
         url = "http://127.0.0.1:8000/cancer"
         assert httpx.get(f"{url}/healthz", timeout=30).json()["model_version"] == 1
-        # the answers and the labels are the file's own class names
-        row = {k: float(v) for k, v in pd.read_csv(work / "production.csv").drop(columns="diagnosis").iloc[0].items()}
+        # the answers and the labels are the file's own class names; a row takes category names and, where the
+        # spec imputes, null; a make the model never saw is no category (unseen: other)
+        row = {k: json_value(v) for k, v in pd.read_csv(work / "production.csv").drop(columns="diagnosis").iloc[0].items()}
+        row.update(mean_smoothness=None, scanner="umbrella-corp")
         answer = httpx.post(f"{url}/predict", json={"row": row}, timeout=30).json()
         assert answer["predictions"][0]["prediction"] in ("benign", "malignant"), answer
+        refused = httpx.post(f"{url}/predict", json={"row": {**row, "mean_radius": None}}, timeout=30)
+        assert refused.status_code == 422 and "mean_radius" in refused.json()["error"], refused.text
+        refused = httpx.post(f"{url}/predict", json={"row": {**row, "clinic": 7}}, timeout=30)
+        assert refused.status_code == 422 and "row.clinic: must be a string, one of ['clinic-" in refused.json()["error"]
+        assert "(24 in all)]" in refused.json()["error"], refused.text
         wrong = httpx.post(f"{url}/feedback", json={"request_id": answer["request_id"], "label": "benig"}, timeout=30)
         assert wrong.status_code == 422 and "['benign', 'malignant']" in wrong.json()["error"], wrong.text
         # the user's own production rows, in file order, labels arriving 30 rows late
@@ -92,6 +121,13 @@ def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
         after = json.loads(again.stdout.strip().splitlines()[-1])
         print("accuracy before the swap", summary["accuracy"], "after", after["accuracy"], "on", swapped)
         assert after["accuracy"] > summary["accuracy"] + 0.1, (summary, after)
+        # the drift was seen where it was made: the scanner mix (chi-square) and the missing rate of smoothness
+        events = DeltaTable(str(work / ".driftloop" / "tables" / "cancer_drift_events")).to_pandas()
+        flagged = set().union(*(json.loads(f) for f in events.loc[events["is_drift"], "drifted_features"]))
+        assert {"scanner", "mean_smoothness (missing)"} <= flagged, flagged
+        served = DeltaTable(str(work / ".driftloop" / "tables" / "cancer_inference")).to_pandas()
+        assert "umbrella-corp" not in set(served["scanner"].dropna()) and "<unseen>" in set(served["scanner"].dropna())
+        assert served["mean_smoothness"].isna().mean() > 0.2  # nulls are logged as nulls, not as a fill value
         st = cli("status", "cancer", "--url", url)
         assert st.returncode == 0 and f"model cancer: champion version {swapped['model_version']}" in st.stdout, st.stdout
         assert "SUCCEEDED" in st.stdout and f"live: serving v{swapped['model_version']}" in st.stdout

@@ -39,8 +39,8 @@ def test_versions_time_travel_and_stable_digest(tmp_path, spec):
     "mutate, expected",
     [
         (lambda df: df.drop(columns=["pixel_5"]), "missing column(s): pixel_5"),
-        (lambda df: df.assign(pixel_3=np.where(df.index == 4, np.nan, df["pixel_3"])), "feature 'pixel_3' has 1 NaN/inf value(s), first at row 4"),
-        (lambda df: df.assign(pixel_3=np.inf), "feature 'pixel_3' has 20 NaN/inf"),
+        (lambda df: df.assign(pixel_3=np.where(df.index == 4, np.nan, df["pixel_3"])), "feature 'pixel_3' has 1 missing value(s), first at row 4 (the spec's `missing` policy for it is refuse)"),
+        (lambda df: df.assign(pixel_3=np.inf), "feature 'pixel_3' has 20 inf value(s)"),
         (lambda df: df.assign(digit=np.where(df.index == 0, 11, df["digit"])), "label 'digit' has value(s) outside"),
         (lambda df: df.assign(pixel_9="x"), "feature 'pixel_9' is not numeric"),
         (lambda df: df.iloc[:3], "row count 3 outside [10, 5000000]"),

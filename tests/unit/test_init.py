@@ -52,17 +52,27 @@ def test_wine_multiclass_becomes_a_spec_and_serve_config_the_loop_accepts(tmp_pa
     assert init(tmp_path, "wine.csv", "--label", "target", "--force").returncode == 0
 
 
-def test_binary_parquet_with_unusable_columns_names_what_it_left_out(tmp_path):
+def test_binary_parquet_text_and_missing_columns_become_categories_and_imputations_with_their_reasons(tmp_path):
     df = _sklearn("breast_cancer")
-    df["hospital"] = np.where(np.arange(len(df)) % 2, "north", "south")  # a string column: not a feature (yet)
+    df["hospital"] = np.where(np.arange(len(df)) % 3, "north", "south")  # text with two values: a category
+    df.loc[::10, "hospital"] = None  # ... missing in a tenth of the rows: imputed
+    df.loc[::4, "mean_radius"] = np.nan  # a number missing in a quarter of the rows: imputed
+    df["patient"] = [f"p{i}" for i in range(len(df))]  # text, a value per row: an identifier, left out
+    df["notes"] = np.where(np.arange(len(df)) % 5 == 0, "x", None)  # missing in most rows: left out
     df["constant"] = 1.0
     df.to_parquet(tmp_path / "cancer.parquet")
     r = init(tmp_path, "cancer.parquet", "--label", "target", "--name", "bc")
     assert r.returncode == 0, r.stderr
     spec = load_spec(tmp_path / "configs/bc.yaml")
-    assert spec.dataset.classes == [0, 1] and len(spec.dataset.features) == 30
-    assert "hospital (not numeric (object); categorical features are not supported yet)" in r.stdout
-    assert "constant (constant)" in r.stdout
+    ds = spec.dataset
+    assert ds.classes == [0, 1] and len(ds.features) == 31 and "hospital" in ds.features
+    assert ds.categorical["hospital"].categories == ["north", "south"] and ds.categorical["hospital"].unseen == "other"
+    assert ds.missing == {"mean_radius": "impute", "hospital": "impute"}
+    assert "patient (text with 569 distinct values: an identifier or free text, not a category)" in r.stdout
+    assert "notes (missing in 80% of rows (more than 50%))" in r.stdout and "constant (constant)" in r.stdout
+    text = (tmp_path / "configs/bc.yaml").read_text()
+    assert "mean_radius: impute           # missing in 25.1% of rows" in text  # 143 of 569
+    assert "{kind: missing}" in text  # the missing rate is watched for drift
 
 
 def test_string_labels_become_class_names_quoted_where_yaml_would_misread_them(tmp_path):

@@ -37,11 +37,12 @@ def load_source(source: str) -> pd.DataFrame:
 def ingest_frame(df: pd.DataFrame, uri: str, ds: DatasetSpec, source: str, extra: dict[str, str] | None = None) -> int:
     """Validate then append; a failing batch raises ValidationFailed and appends nothing."""
     extra_cols = [ds.time_column] if ds.time_column else []
-    report = validate_frame(df, ds.features, ds.label, ds.classes, ds.min_rows, ds.max_rows, extra_cols)
+    report = validate_frame(df, ds.features, ds.label, ds.classes, ds.min_rows, ds.max_rows, extra_cols,
+                            categorical=ds.categorical, impute=set(ds.imputed))
     if not report.ok:
         raise ValidationFailed(report)
     keep = extra_cols + ds.features + [ds.label]
-    batch = coerce(df[keep], ds.features, ds.label, ds.feature_dtype, ds.string_labels)
+    batch = coerce(df[keep], ds.features, ds.label, ds.feature_dtype, ds.string_labels, ds.categorical, set(ds.imputed))
     meta = {"batch_id": uuid.uuid4().hex, "source": source, "rows_appended": str(len(batch)), **(extra or {})}
     return tables.append(uri, batch, meta)
 

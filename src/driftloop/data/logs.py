@@ -33,7 +33,9 @@ def _with_day(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def inference_frame(spec: Spec, ids: list[str], ts: list[float], version: int, x: np.ndarray, pred: np.ndarray) -> pd.DataFrame:
-    df = pd.DataFrame(x.astype(np.float64), columns=spec.dataset.features)
+    from driftloop.features import decode_matrix
+
+    df = decode_matrix(x, spec.dataset)
     pred = np.asarray(pred)
     df.insert(0, "prediction", pred.astype(str) if pred.dtype.kind in "USO" else pred.astype(np.int64))
     df.insert(0, "model_version", np.full(len(ids), version, dtype=np.int64))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,8 +41,13 @@ def validate_frame(
     min_rows: int = 1,
     max_rows: int = 5_000_000,
     extra_columns: list[str] | None = None,
+    categorical: dict[str, Any] | None = None,
+    impute: set[str] | frozenset[str] = frozenset(),
 ) -> Report:
-    """Check schema, dtypes, label domain, finiteness and row-count bounds; collect every problem."""
+    """Check schema, dtypes, label domain, finiteness and row-count bounds; collect every problem. A `categorical`
+    feature (name -> CategoricalSpec) holds names, within its categories unless unseen ones are allowed; a feature
+    in `impute` may be missing (null)."""
+    categorical = categorical or {}
     rep = Report(rows=len(df))
     expected = list(features) + ([label] if label else []) + list(extra_columns or [])
     missing = [c for c in expected if c not in df.columns]
@@ -54,12 +60,23 @@ def validate_frame(
         if col not in df.columns:
             continue
         s = df[col]
-        if not (pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)):
+        nulls = s.isna().to_numpy()
+        if nulls.any() and col not in impute:
+            rep.problems.append(f"feature {col!r} has {int(nulls.sum())} missing value(s), first at row "
+                                f"{int(np.argmax(nulls))} (the spec's `missing` policy for it is refuse)")
+            continue
+        cat = categorical.get(col)
+        if cat is not None:
+            outside = sorted({str(v) for v in s[~nulls].unique()} - set(cat.categories))
+            if outside and cat.unseen == "refuse":
+                rep.problems.append(f"feature {col!r} has value(s) outside its categories {cat.categories[:10]}: {outside[:5]}")
+            continue
+        if s[~nulls].size and not (pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)):
             rep.problems.append(f"feature {col!r} is not numeric (dtype {s.dtype})")
             continue
-        bad = ~np.isfinite(s.to_numpy(dtype=np.float64))
+        bad = np.isinf(s.to_numpy(dtype=np.float64))
         if bad.any():
-            rep.problems.append(f"feature {col!r} has {int(bad.sum())} NaN/inf value(s), first at row {int(np.argmax(bad))}")
+            rep.problems.append(f"feature {col!r} has {int(bad.sum())} inf value(s), first at row {int(np.argmax(bad))}")
     if label and label in df.columns:
         s = df[label]
         if s.isna().any():
@@ -80,10 +97,15 @@ def validate_frame(
 
 
 def coerce(df: pd.DataFrame, features: list[str], label: str | None, feature_dtype: str = "float",
-           string_labels: bool = False) -> pd.DataFrame:
-    """Cast a validated batch to the table's dtypes (features float64 or int64, label int64 or string)."""
+           string_labels: bool = False, categorical: Any = (), impute: Any = ()) -> pd.DataFrame:
+    """Cast a validated batch to the table's dtypes (numbers float64, or int64 where none may be missing;
+    categorical features strings, missing values null; the label int64 or string)."""
     out = df.copy()
-    out[features] = out[features].astype(np.float64 if feature_dtype == "float" else np.int64)
+    for col in features:
+        if col in categorical:
+            out[col] = out[col].astype(str).where(out[col].notna()).astype("string")
+        else:
+            out[col] = out[col].astype(np.int64 if feature_dtype == "int" and col not in impute else np.float64)
     if label and label in out.columns:
         out[label] = out[label].astype(str) if string_labels else out[label].astype(np.int64)
     return out

@@ -40,13 +40,59 @@ class DetectorResult:
 
 
 def _input_of(kind: str) -> str:
-    return "proba" if kind == "bbsd" else "features"
+    return {"bbsd": "proba", "missing": "missing"}.get(kind, "features")
 
 
-def _build(d: DetectorSpec, x_ref: np.ndarray, p_val: float):
+class Layout:
+    """What the feature-input detectors need to know about the columns (driftloop.features): a missing value is
+    replaced by the reference's median / most frequent code (the missing rate has its own test), and an unseen
+    category (-1) becomes one more category, so two-sample tests see numbers they can compare."""
+
+    def __init__(self, cardinalities: list[int], fill: list[float], imputed: list[int]):
+        self.cardinalities, self.fill, self.imputed = list(cardinalities), np.asarray(fill, np.float32), list(imputed)
+
+    @classmethod
+    def fit(cls, x_ref: np.ndarray, cardinalities: list[int] | None, imputed: list[int]) -> "Layout":
+        card = list(cardinalities or [0] * x_ref.shape[1])
+        fill = []
+        for j, k in enumerate(card):
+            col = x_ref[:, j][~np.isnan(x_ref[:, j])]
+            if k:
+                col = col[col >= 0].astype(np.int64)
+                fill.append(float(np.bincount(col).argmax()) if len(col) else 0.0)
+            else:
+                fill.append(float(np.median(col)) if len(col) else 0.0)
+        return cls(card, fill, imputed)
+
+    @property
+    def categorical(self) -> list[int]:
+        return [j for j, k in enumerate(self.cardinalities) if k]
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if not (self.imputed or self.categorical):
+            return x
+        x = np.where(np.isnan(x), self.fill, x).astype(np.float32)
+        for j in self.categorical:
+            x[x[:, j] < 0, j] = self.cardinalities[j]
+        return x
+
+    def missing(self, x: np.ndarray) -> np.ndarray:
+        return np.isnan(np.asarray(x, dtype=np.float32)[:, self.imputed]).astype(np.float32)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cardinalities": self.cardinalities, "fill": self.fill.tolist(), "imputed": self.imputed}
+
+
+def _build(d: DetectorSpec, x_ref: np.ndarray, p_val: float, layout: Layout):
     """Construct (fit) one alibi-detect detector on its reference data."""
-    from alibi_detect.cd import CVMDrift, KSDrift, LSDDDrift, MMDDrift
+    from alibi_detect.cd import ChiSquareDrift, CVMDrift, KSDrift, LSDDDrift, MMDDrift, TabularDrift
 
+    if d.kind == "ks" and layout.categorical:  # KS on numbers, chi-square on categories
+        return TabularDrift(x_ref, p_val=p_val, correction=d.correction,
+                            categories_per_feature={j: None for j in layout.categorical})
+    if d.kind == "missing":  # chi-square on each imputed column's missing / present indicator
+        return ChiSquareDrift(x_ref, p_val=p_val, correction=d.correction)
     if d.kind in ("ks", "bbsd"):
         return KSDrift(x_ref, p_val=p_val, correction=d.correction)
     if d.kind == "cvm":
@@ -69,9 +115,11 @@ def _build(d: DetectorSpec, x_ref: np.ndarray, p_val: float):
 
 
 def fit_detectors(
-    drift: DriftSpec, x_ref: np.ndarray, proba_ref: np.ndarray, features: list[str], out_dir: str | Path, seed: int = 0
+    drift: DriftSpec, x_ref: np.ndarray, proba_ref: np.ndarray, features: list[str], out_dir: str | Path, seed: int = 0,
+    cardinalities: list[int] | None = None, imputed: list[str] | None = None,
 ) -> Path:
-    """Fit every detector of the spec on the reference sample and save them with a manifest."""
+    """Fit every detector of the spec on the reference sample and save them with a manifest. Features that may be
+    missing (`imputed`) get a chi-square test of their missing rate too, whether or not the spec lists one."""
     from alibi_detect.saving import save_detector
 
     out = Path(out_dir)
@@ -80,15 +128,22 @@ def fit_detectors(
     if len(x_ref) > drift.reference_rows:
         keep = np.sort(rng.choice(len(x_ref), drift.reference_rows, replace=False))
         x_ref, proba_ref = x_ref[keep], proba_ref[keep]
+    layout = Layout.fit(x_ref, cardinalities, [features.index(f) for f in imputed or []])
+    kinds = list(drift.detectors)
+    if layout.imputed and not any(d.kind == "missing" for d in kinds):
+        kinds.append(DetectorSpec(kind="missing"))
+    if not layout.imputed:
+        kinds = [d for d in kinds if d.kind != "missing"]
     entries = []
-    for i, d in enumerate(drift.detectors):
+    for i, d in enumerate(kinds):
         name = f"{i}-{d.kind}"
-        ref = (proba_ref if _input_of(d.kind) == "proba" else x_ref).astype(np.float32)
-        det = _build(d, ref, drift.p_val)
+        inp = _input_of(d.kind)
+        ref = proba_ref.astype(np.float32) if inp == "proba" else layout.missing(x_ref) if inp == "missing" else layout.features(x_ref)
+        det = _build(d, ref, drift.p_val, layout)
         save_detector(det, out / name)
-        entries.append({"name": name, "kind": d.kind, "input": _input_of(d.kind), "online": d.kind in ONLINE_KINDS})
+        entries.append({"name": name, "kind": d.kind, "input": inp, "online": d.kind in ONLINE_KINDS})
     manifest = {"features": features, "p_val": drift.p_val, "window": drift.window, "reference_rows": int(len(x_ref)),
-                "detectors": entries}
+                "detectors": entries, "layout": layout.as_dict()}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
 
@@ -96,16 +151,21 @@ def fit_detectors(
 class LoadedDetector:
     """A saved detector with the uniform predict(features, proba) -> DetectorResult interface."""
 
-    def __init__(self, entry: dict[str, Any], detector: Any, features: list[str], proba_names: list[str]):
+    def __init__(self, entry: dict[str, Any], detector: Any, features: list[str], proba_names: list[str],
+                 layout: Layout | None = None):
         self.name = entry["name"]
         self.kind = entry["kind"]
         self.input = entry["input"]
         self.online = bool(entry["online"])
         self._det = detector
-        self._names = features if self.input == "features" else proba_names
+        self._layout = layout or Layout([0] * len(features), [0.0] * len(features), [])
+        self._names = {"features": features, "proba": proba_names,
+                       "missing": [f"{features[j]} (missing)" for j in self._layout.imputed]}[self.input]
 
     def _x(self, features: np.ndarray, proba: np.ndarray) -> np.ndarray:
-        return np.asarray(features if self.input == "features" else proba, dtype=np.float32)
+        if self.input == "proba":
+            return np.asarray(proba, dtype=np.float32)
+        return self._layout.missing(features) if self.input == "missing" else self._layout.features(features)
 
     def predict(self, features: np.ndarray, proba: np.ndarray) -> DetectorResult:
         """Two-sample test of one window against the reference."""
@@ -113,7 +173,8 @@ class LoadedDetector:
         p = np.atleast_1d(np.asarray(out.get("p_val"), dtype=np.float64))
         dist = np.atleast_1d(np.asarray(out.get("distance"), dtype=np.float64))
         thr = float(out["threshold"]) if out.get("threshold") is not None else None
-        drifted = [self._names[i] for i in np.flatnonzero(p < thr)] if (p.size > 1 and thr is not None) else []
+        drifted = ([self._names[i] for i in np.flatnonzero(p < thr)]
+                   if thr is not None and (p.size > 1 or self.input == "missing") else [])
         return DetectorResult(self.name, self.kind, bool(out["is_drift"]), float(p.min()), float(dist.max()), thr, drifted)
 
     def update(self, features: np.ndarray, proba: np.ndarray) -> DetectorResult | None:
@@ -191,5 +252,7 @@ def load_detectors(path: str | Path, n_classes: int | None = None) -> tuple[list
     manifest = json.loads((root / MANIFEST).read_text())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     proba_names = [f"p_{i}" for i in range(n_classes or 0)] or ["p"]
-    dets = [LoadedDetector(e, load_detector(root / e["name"]), manifest["features"], proba_names) for e in manifest["detectors"]]
+    layout = Layout(**manifest["layout"]) if "layout" in manifest else None
+    dets = [LoadedDetector(e, load_detector(root / e["name"]), manifest["features"], proba_names, layout)
+            for e in manifest["detectors"]]
     return dets, manifest

@@ -12,6 +12,7 @@ asks for `retraining.reference: table`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -27,7 +28,7 @@ class Reference:
 
 def pick_reference(
     mode: str, served: pd.DataFrame, features: list[str], trained_ids: set[str], since: float | None,
-    rows: int, min_rows: int,
+    rows: int, min_rows: int, encode: Callable[[pd.DataFrame], np.ndarray] | None = None,
 ) -> Reference:
     """The newest `rows` served rows at or after `since` that are not in the training set, or the table's splits."""
     if mode == "table":
@@ -39,7 +40,8 @@ def pick_reference(
     if len(recent) < min_rows:
         return Reference(None, f"only {len(recent)} recent served rows, fewer than one window of {min_rows}")
     start = "" if since is None else f" since {_when(since)}"
-    return Reference(recent[features].to_numpy(np.float32), f"{len(recent)} newest served rows{start} not trained on")
+    x = encode(recent) if encode else recent[features].to_numpy(np.float32)
+    return Reference(x, f"{len(recent)} newest served rows{start} not trained on")
 
 
 def onset(windows: list[tuple[str, float, bool, int]], event_id: str) -> float | None:

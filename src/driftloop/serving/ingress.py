@@ -67,7 +67,7 @@ class Predictor(PollLoops):
         schema = fastapi_app.openapi()
         for path, op in schema.get("paths", {}).items():
             if path.endswith("/predict") and "post" in op:
-                op["post"]["requestBody"] = {"required": True, "content": {"application/json": {"schema": request_schema(self.features)}}}
+                op["post"]["requestBody"] = {"required": True, "content": {"application/json": {"schema": request_schema(self.features, self.spec.dataset)}}}
         fastapi_app.openapi_schema = schema
         self.init_s = time.time() - started  # constructor time: registry lookup, download, model load
 
@@ -141,7 +141,7 @@ class Predictor(PollLoops):
         if self.predict_token is not None and not _authorised(request, self.predict_token):
             return _error(401, "missing or wrong bearer token")
         try:
-            x = parse_rows(parse_json(await _read_body(request, MAX_BODY_BYTES)), self.features, self.max_batch_rows)
+            x = parse_rows(parse_json(await _read_body(request, MAX_BODY_BYTES)), self.features, self.max_batch_rows, self.spec.dataset)
         except InvalidInput as err:
             return _error(err.status, str(err))
         proba, version = await self._infer(x)

@@ -58,8 +58,41 @@ def _number(value: Any, where: str) -> float:
     return f
 
 
-def parse_rows(payload: Any, features: list[str], max_rows: int = MAX_BATCH_ROWS) -> np.ndarray:
-    """`{"row": {...}}` or `{"rows": [{...}, …]}` with named features -> float32 array (n, n_features)."""
+def _listed(values: list[str], most: int = 20) -> str:
+    return str(values) if len(values) <= most else f"{str(values[:most])[:-1]}, ... ({len(values)} in all)]"
+
+
+def _converters(ds) -> dict[str, Any]:
+    """Per feature that is not a plain number: value, where -> the matrix's float (driftloop.features)."""
+    out: dict[str, Any] = {}
+    for col in ds.features:
+        cat, impute = ds.categorical.get(col), ds.missing.get(col) == "impute"
+        if cat is None and not impute:
+            continue
+
+        def convert(value: Any, where: str, cat=cat, impute=impute) -> float:
+            if value is None:
+                if impute:
+                    return math.nan
+                raise InvalidInput(f"{where}: a value is required (this feature's missing values are refused)")
+            if cat is None:
+                return _number(value, where)
+            if not isinstance(value, str):
+                raise InvalidInput(f"{where}: must be a string, one of {_listed(cat.categories)}")
+            index = cat.index.get(value)
+            if index is not None:
+                return float(index)
+            if cat.unseen == "refuse":
+                raise InvalidInput(f"{where}: {value[:64]!r} is not one of the known values {_listed(cat.categories)}")
+            return -1.0
+
+        out[col] = convert
+    return out
+
+
+def parse_rows(payload: Any, features: list[str], max_rows: int = MAX_BATCH_ROWS, ds: Any = None) -> np.ndarray:
+    """`{"row": {...}}` or `{"rows": [{...}, …]}` with named features -> float32 array (n, n_features). With the
+    spec's dataset `ds`, categorical features take their names and imputed ones take null (driftloop.features)."""
     if not isinstance(payload, dict):
         raise InvalidInput('body must be a JSON object: {"row": {feature: value}} or {"rows": [...]}')
     extra = set(payload) - {"row", "rows"}
@@ -75,6 +108,7 @@ def parse_rows(payload: Any, features: list[str], max_rows: int = MAX_BATCH_ROWS
     if len(rows) > max_rows:
         raise InvalidInput(f"rows: batch of {len(rows)} rows exceeds the limit of {max_rows}", 413)
     index = {f: i for i, f in enumerate(features)}
+    convert = _converters(ds) if ds is not None and (ds.categorical or ds.missing) else {}
     out = np.empty((len(rows), len(features)), dtype=np.float32)
     for r, row in enumerate(rows):
         where = "row" if "row" in payload else f"rows[{r}]"
@@ -88,7 +122,8 @@ def parse_rows(payload: Any, features: list[str], max_rows: int = MAX_BATCH_ROWS
             unknown = next(k for k in row if k not in index)
             raise InvalidInput(f"{where}: unknown feature {str(unknown)[:64]!r}")
         for name, value in row.items():
-            out[r, index[name]] = _number(value, f"{where}.{name}")
+            c = convert.get(name)
+            out[r, index[name]] = c(value, f"{where}.{name}") if c else _number(value, f"{where}.{name}")
     return out
 
 
@@ -163,10 +198,18 @@ def check_table_name(name: str) -> str:
     return name
 
 
-def request_schema(features: list[str]) -> dict[str, Any]:
-    """OpenAPI schema of the /predict body, so /docs shows the named features."""
-    row = {"type": "object", "properties": {f: {"type": "number"} for f in features}, "required": features,
-           "additionalProperties": False}
+def request_schema(features: list[str], ds: Any = None) -> dict[str, Any]:
+    """OpenAPI schema of the /predict body, so /docs shows the named features (category names, nullable ones)."""
+    props: dict[str, Any] = {}
+    for f in features:
+        cat = ds.categorical.get(f) if ds is not None else None
+        prop: dict[str, Any] = {"type": "string"} if cat else {"type": "number"}
+        if cat and cat.unseen == "refuse":
+            prop["enum"] = list(cat.categories)
+        if ds is not None and ds.missing.get(f) == "impute":
+            prop = {"anyOf": [prop, {"type": "null"}]}
+        props[f] = prop
+    row = {"type": "object", "properties": props, "required": features, "additionalProperties": False}
     return {"oneOf": [
         {"type": "object", "properties": {"row": row}, "required": ["row"]},
         {"type": "object", "properties": {"rows": {"type": "array", "items": row, "maxItems": MAX_BATCH_ROWS}},

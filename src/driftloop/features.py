@@ -1,0 +1,67 @@
+"""Feature values in and out of the model's input matrix.
+
+Tables and requests hold features as the user has them: numbers, category names, nulls. The model, the detectors
+and the logs in between work on one float32 matrix: a number stays a number, a category becomes its index in the
+spec's `categories`, a value outside them becomes UNSEEN_CODE (under `unseen: other`), and a missing value NaN
+(under `missing: impute`; the model fills it with the training statistic it carries).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from driftloop.config import DatasetSpec
+
+UNSEEN_CODE = -1.0
+UNSEEN = "<unseen>"  # what the inference log holds for a category that was not one of the spec's
+
+
+def encode_frame(df: pd.DataFrame, ds: DatasetSpec) -> np.ndarray:
+    """A validated frame's features as the model's float32 matrix."""
+    if not ds.categorical:
+        return df[ds.features].to_numpy(dtype=np.float32)
+    out = np.empty((len(df), len(ds.features)), dtype=np.float32)
+    for j, col in enumerate(ds.features):
+        cat = ds.categorical.get(col)
+        if cat is None:
+            out[:, j] = df[col].to_numpy(dtype=np.float32)
+            continue
+        values = df[col]
+        codes = pd.Categorical(values.astype(str).where(values.notna()), categories=cat.categories).codes
+        col_out = codes.astype(np.float32)
+        col_out[(codes < 0) & values.notna().to_numpy()] = UNSEEN_CODE
+        col_out[values.isna().to_numpy()] = np.nan
+        out[:, j] = col_out
+    return out
+
+
+def decode_matrix(x: np.ndarray, ds: DatasetSpec) -> pd.DataFrame:
+    """The model's matrix as table columns: category names (UNSEEN for an unseen one) and nulls where values were
+    missing; numbers as float64."""
+    df = pd.DataFrame(np.asarray(x, dtype=np.float64), columns=ds.features)
+    for col, cat in ds.categorical.items():
+        codes = df[col].to_numpy()
+        names = np.asarray([*cat.categories, UNSEEN], dtype=object)
+        known = ~np.isnan(codes)
+        idx = np.where(codes[known] >= 0, codes[known], len(cat.categories)).astype(np.int64)
+        col_out = np.full(len(df), None, dtype=object)
+        col_out[known] = names[idx]
+        df[col] = pd.Series(col_out, dtype="string")
+    return df
+
+
+def json_value(value: Any) -> Any:
+    """A table cell as a request carries it: NaN/NA -> null, numpy scalars -> plain numbers and strings."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def describe(ds: DatasetSpec, col: str) -> str:
+    """One feature's type as an error message or a schema names it."""
+    cat = ds.categorical.get(col)
+    kind = f"one of {cat.categories[:8]}{' …' if len(cat.categories) > 8 else ''}" if cat else "a number"
+    return kind + (" or null" if ds.missing.get(col) == "impute" else "")
