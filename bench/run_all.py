@@ -370,6 +370,10 @@ def _render_soak(sk: dict | None) -> list[str]:
             out.append(f"| /{ep} {q} ms ({lat['start'][ep]['n']} sequential) | {num(lat['start'][ep][f'{q}_ms'], '{:.1f}')} | "
                        f"{num(lat['end'][ep][f'{q}_ms'], '{:.1f}')} | {num(ratio)} | <= {lat['target_ratio']:g}x | "
                        f"{verdict(ratio is not None and ratio <= lat['target_ratio'])} |")
+    ep_ = lat.get("end_probe")
+    if ep_:
+        out.append(f"| end probe: taken right after a scheduled maintenance pass (that pass {num(ep_['pass_seconds'], '{:.1f}')} s; "
+                   f"waited {ep_['waited_s']:.0f} s for it); passes begun during the probe: {ep_['passes_during_probe']} | | | | | |")
     lr, db = rd["labelled_rows"], rd["data_build"]
     ratio = lr["seconds_ratio_end_over_start"]
     out.append(f"| labelled rows read as a job does, s (rows) | {lr['start']['seconds']:.3f} ({lr['start']['rows']:,}) | "

@@ -134,7 +134,9 @@ def run() -> dict:
         seqs, waited = _wait_jobs(view)
         time.sleep(10)  # a champion just promoted reaches every replica within a poll or two
         drift = _get_json(f"{base}/drift")
+        end_probe = _after_maintenance(base)
         end = {"latency": _probe(base, probe_bodies, probe_labels), "read": _read(s, spec), "files": sampler.files_now()}
+        end_probe["passes_during_probe"] = _get_json(f"{base}/drift").get("maintenance", {}).get("runs", 0) - end_probe.pop("runs")
         print(f"soak: end probe {_brief(end['latency'])}", flush=True)
         final_maintain = _maintain(s, spec)
         after_files = sampler.files_now()
@@ -161,7 +163,7 @@ def run() -> dict:
         "memory": _memory(sampler.rss, t0, t1, sampler.errors),
         "files": _files(start["files"], end["files"], after_files, sampler.series, t0, t1, final_maintain, drift,
                         sampler.passes),
-        "latency": _latency(start["latency"], end["latency"]),
+        "latency": {**_latency(start["latency"], end["latency"]), "end_probe": end_probe},
         "reads": _reads(start["read"], end["read"], jobs),
     }
     out["targets"] = _targets(out)
@@ -316,6 +318,22 @@ def _wait_jobs(view) -> tuple[list, float]:
             break
         time.sleep(3)
     return seqs, round(time.monotonic() - t, 1)
+
+
+def _after_maintenance(base: str) -> dict:
+    """Until the monitor's next scheduled maintenance pass has finished, so the end probe runs between passes, as the
+    start's did (at the start the tables are too small for a pass to cost anything; at the end one pass rewrites the
+    day's files, seconds of CPU on this 2-core machine). What the pass took is reported beside the probe."""
+    runs0 = _get_json(f"{base}/drift").get("maintenance", {}).get("runs", 0)
+    t = time.monotonic()
+    m: dict = {}
+    while time.monotonic() - t < 3 * MAINTENANCE_EVERY_S:
+        m = _get_json(f"{base}/drift").get("maintenance", {})
+        if m.get("runs", 0) > runs0:
+            break
+        time.sleep(0.5)
+    return {"waited_s": round(time.monotonic() - t, 1), "pass_seconds": (m.get("last") or {}).get("seconds"),
+            "runs": m.get("runs", 0)}
 
 
 def _get_json(url: str) -> dict:
