@@ -75,6 +75,14 @@ def class_index(y: np.ndarray, classes: list) -> np.ndarray:
     return np.array([lookup[v.item() if hasattr(v, "item") else v] for v in y], dtype=np.int64)
 
 
+def with_fill(state: dict, n_features: int) -> dict:
+    """A checkpoint written before models carried fill values (missing-value imputation) loads with zeros: such a
+    model never saw a missing value."""
+    import torch
+
+    return state if "fill" in state else {**state, "fill": torch.zeros(n_features)}
+
+
 TRAIN_POLL_S = "0.25"
 
 
@@ -109,7 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / "model.pt", weights_only=True)
-            model.load_state_dict(state["model"])
+            model.load_state_dict(with_fill(state["model"], spec.n_features))
             if resume_epochs:
                 start_epoch = int(state["epoch"]) + 1
 
@@ -196,5 +204,5 @@ def load_checkpoint_model(spec: Spec, checkpoint_dir: str | Path):
     state = torch.load(Path(checkpoint_dir) / "model.pt", weights_only=True)
     hp = state["hp"]
     model = build_model(spec.n_features, spec.n_classes, hp["hidden"], hp["dropout"], spec.dataset.cardinalities)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(with_fill(state["model"], spec.n_features))
     return model.eval(), hp, int(state["epoch"])

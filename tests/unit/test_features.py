@@ -145,3 +145,12 @@ def test_a_request_sends_names_and_nulls_where_the_spec_allows_them():
     props = request_schema(strict.features, strict)["oneOf"][0]["properties"]["row"]["properties"]
     assert props["color"] == {"anyOf": [{"type": "string", "enum": ["red", "green", "blue"]}, {"type": "null"}]}
     assert props["city"] == {"type": "string"} and props["x"] == {"anyOf": [{"type": "number"}, {"type": "null"}]}
+
+
+def test_a_checkpoint_from_before_fill_values_still_loads():
+    from driftloop.train import with_fill
+
+    old = {k: v for k, v in build_model(3, 2, [8], 0.0).state_dict().items() if k != "fill"}
+    model = build_model(3, 2, [8], 0.0)
+    model.load_state_dict(with_fill(old, 3))
+    assert model.fill.tolist() == [0.0, 0.0, 0.0]
