@@ -19,6 +19,23 @@ UNSEEN_CODE = -1.0
 UNSEEN = "<unseen>"  # what the inference log holds for a category that was not one of the spec's
 
 
+def category_str(value: Any) -> str:
+    """A category value as the spec lists it: True/False for a boolean, 3 for an integral number (a CSV column of
+    codes with a gap reads as floats, 3.0), the text itself otherwise."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating)) and float(value).is_integer()):
+        return str(int(value))
+    return str(value)
+
+
+def category_strings(values: pd.Series) -> pd.Series:
+    """category_str over a column, nulls kept as nulls (text columns as they are, at pandas' speed)."""
+    if pd.api.types.is_string_dtype(values) or (values.dtype == object and values.map(type).eq(str).all()):
+        return values.astype(str).where(values.notna())
+    return values.map(category_str, na_action="ignore")
+
+
 def encode_frame(df: pd.DataFrame, ds: DatasetSpec) -> np.ndarray:
     """A validated frame's features as the model's float32 matrix."""
     if not ds.categorical:
@@ -30,7 +47,7 @@ def encode_frame(df: pd.DataFrame, ds: DatasetSpec) -> np.ndarray:
             out[:, j] = df[col].to_numpy(dtype=np.float32)
             continue
         values = df[col]
-        codes = pd.Categorical(values.astype(str).where(values.notna()), categories=cat.categories).codes
+        codes = pd.Categorical(category_strings(values), categories=cat.categories).codes
         col_out = codes.astype(np.float32)
         col_out[(codes < 0) & values.notna().to_numpy()] = UNSEEN_CODE
         col_out[values.isna().to_numpy()] = np.nan
@@ -53,6 +70,16 @@ def decode_matrix(x: np.ndarray, ds: DatasetSpec) -> pd.DataFrame:
     return df
 
 
+def input_digest(ds: DatasetSpec) -> str:
+    """What a model's input matrix means: the features in order and each category list in order. A model is served
+    only with a spec of the same digest (re-running `init` on newer data can reorder the categories)."""
+    import hashlib
+    import json
+
+    doc = {"features": ds.features, "categorical": {c: v.categories for c, v in sorted(ds.categorical.items())}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def json_value(value: Any) -> Any:
     """A table cell as a request carries it: NaN/NA -> null, numpy scalars -> plain numbers and strings."""
     if value is None or (not isinstance(value, str) and pd.isna(value)):
@@ -60,8 +87,3 @@ def json_value(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def describe(ds: DatasetSpec, col: str) -> str:
-    """One feature's type as an error message or a schema names it."""
-    cat = ds.categorical.get(col)
-    kind = f"one of {cat.categories[:8]}{' …' if len(cat.categories) > 8 else ''}" if cat else "a number"
-    return kind + (" or null" if ds.missing.get(col) == "impute" else "")

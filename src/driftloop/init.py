@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from driftloop.data.ingest import SourceError, load_source
+from driftloop.features import category_strings
 
 MAX_CLASSES = 50  # an integer label with more distinct values than this looks like a quantity, not a class
 MAX_CATEGORIES = 1000  # a text column with more distinct values than this (or than half the rows) looks like an id
@@ -102,7 +103,7 @@ def infer(data: str, label: str, name: str | None = None, time_column: str | Non
         else:
             features.append(col)
             if not numeric:
-                counts = s.dropna().astype(str).value_counts()
+                counts = category_strings(s.dropna()).value_counts()
                 categorical[col] = sorted(counts.index, key=lambda v: (-counts[v], v))
             if missing:
                 imputed[col] = missing

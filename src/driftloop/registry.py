@@ -22,6 +22,7 @@ import numpy as np
 from driftloop.config import Spec
 from driftloop.data.tables import DataVersion
 from driftloop.errors import LoopError
+from driftloop.features import input_digest
 from driftloop.settings import Settings
 
 CHAMPION = "champion"
@@ -121,7 +122,7 @@ def register_bundle(
     tags = {
         "data.uri": dv.uri, "data.version": str(dv.version), "data.digest": dv.digest, "data.rows": str(dv.rows),
         "run_id": run_id, "git_commit": git_commit() or "", "features": json.dumps(spec.dataset.features),
-        "classes": json.dumps(spec.dataset.classes),
+        "classes": json.dumps(spec.dataset.classes), "inputs.digest": input_digest(spec.dataset),
         **{f"metric.{k}": f"{v:.6f}" for k, v in metrics.items()}, **(extra_tags or {}),
     }
     try:
@@ -187,6 +188,17 @@ def _load_version(settings: Settings, name: str, version: int):
     """A version's model in memory; its download is removed at once (the gate leaves no temporary copies)."""
     with tempfile.TemporaryDirectory(prefix=f"{name}-v{version}-") as tmp:
         return load_model(download(settings, name, version, tmp))
+
+
+def check_inputs(settings: Settings, name: str, version: int, digest: str) -> None:
+    """Refuse to serve a version whose input layout (features, category lists) is not the spec's: its codes would
+    mean other categories. Versions registered before the digest existed carry none and pass."""
+    tags = client(settings).get_model_version(name, str(version)).tags or {}
+    theirs = tags.get("inputs.digest")
+    if theirs and theirs != digest:
+        raise LoopError(f"model {name!r} v{version} was trained on other inputs than the spec names (its features or "
+                        f"category lists changed since, digest {theirs} vs {digest}): serve it with the spec it was "
+                        "trained with, or retrain on this one")
 
 
 def load_model(path: str | Path):

@@ -98,7 +98,7 @@ async def replay_async(
     rep = ReplayReport()
     base = f"{url.rstrip('/')}/{app.strip('/')}"
     sem = asyncio.Semaphore(concurrency)
-    numeric = all(pd.api.types.is_numeric_dtype(df[f]) for f in features)
+    numeric = all(pd.api.types.is_numeric_dtype(df[f]) and not pd.api.types.is_bool_dtype(df[f]) for f in features)
     # a file's own values: numbers, category names, and null where a value is missing
     xs = df[features].to_numpy(dtype=float) if numeric else df[features].to_numpy(dtype=object)
     ys = df[label].to_numpy() if label in df.columns else None

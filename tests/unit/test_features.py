@@ -154,3 +154,22 @@ def test_a_checkpoint_from_before_fill_values_still_loads():
     model = build_model(3, 2, [8], 0.0)
     model.load_state_dict(with_fill(old, 3))
     assert model.fill.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_categories_that_are_booleans_or_numeric_codes_read_as_the_spec_lists_them():
+    ds = parse_spec({"name": "t", "dataset": {
+        "source": "x.csv", "table": "t", "features": ["flag", "zone"], "label": "y", "classes": [0, 1],
+        "categorical": {"flag": {"categories": ["True", "False"]}, "zone": {"categories": ["1", "2"], "unseen": "refuse"}},
+        "missing": {"zone": "impute"}}}).dataset
+    # a CSV column of zone codes with a gap reads as floats (1.0, 2.0, NaN); a flag column as booleans
+    df = pd.DataFrame({"flag": [True, False, True], "zone": [1.0, np.nan, 2.0], "y": [0, 1, 0]})
+    assert validate_frame(df, ds.features, ds.label, ds.classes, categorical=ds.categorical, impute={"zone"}).ok
+    table = coerce(df, ds.features, ds.label, categorical=ds.categorical, impute={"zone"})
+    assert table["flag"].tolist() == ["True", "False", "True"] and table["zone"].tolist()[::2] == ["1", "2"]
+    x = encode_frame(df, ds)
+    assert x[:, 0].tolist() == [0.0, 1.0, 0.0] and x[0, 1] == 0.0 and np.isnan(x[1, 1]) and x[2, 1] == 1.0
+    np.testing.assert_array_equal(encode_frame(table, ds), x)
+    # JSON true and 2 are the categories they spell; a code the spec does not list is refused
+    assert parse_rows({"row": {"flag": True, "zone": 2}}, ds.features, ds=ds).tolist() == [[0.0, 1.0]]
+    with pytest.raises(InvalidInput, match=r"row.zone: must be a string, one of \['1', '2'\]"):
+        parse_rows({"row": {"flag": "True", "zone": 3}}, ds.features, ds=ds)

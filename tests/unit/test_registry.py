@@ -143,3 +143,23 @@ def test_archive_old_fails_closed_on_a_registry_error(home):
         con.execute("ALTER TABLE registered_model_aliases RENAME TO aliases_gone")
     with pytest.raises(registry.RegistryUnavailable):
         registry.archive_old(s, "m", keep_versions=1, keep_champions=1)
+
+
+def test_a_version_trained_on_other_category_lists_is_not_served_with_this_spec(home):
+    from driftloop.config import parse_spec
+    from driftloop.features import input_digest
+
+    def spec(categories):
+        return parse_spec({"name": "m", "dataset": {"source": "x.csv", "table": "t", "features": ["x", "colour"],
+                                                     "label": "y", "classes": [0, 1],
+                                                     "categorical": {"colour": {"categories": categories}}}})
+
+    s = get_settings().ensure()
+    c = _model(s, "m", 2)
+    trained = input_digest(spec(["red", "blue"]).dataset)
+    c.set_model_version_tag("m", "1", "inputs.digest", trained)
+    registry.check_inputs(s, "m", 1, trained)                     # the spec it was trained with
+    registry.check_inputs(s, "m", 2, "anything")                  # registered before versions carried a digest
+    reordered = input_digest(spec(["blue", "red"]).dataset)       # `init` re-run on newer data: same names, new codes
+    with pytest.raises(LoopError, match=r"model 'm' v1 was trained on other inputs than the spec names"):
+        registry.check_inputs(s, "m", 1, reordered)

@@ -33,6 +33,12 @@ class Report:
         return f"invalid batch of {self.rows} rows: {self.problems[0]}{more}"
 
 
+def category_strings(values: pd.Series) -> pd.Series:
+    from driftloop.features import category_strings as strings
+
+    return strings(values)
+
+
 def validate_frame(
     df: pd.DataFrame,
     features: list[str],
@@ -67,7 +73,7 @@ def validate_frame(
             continue
         cat = categorical.get(col)
         if cat is not None:
-            outside = sorted({str(v) for v in s[~nulls].unique()} - set(cat.categories))
+            outside = sorted(set(category_strings(s[~nulls]).unique()) - set(cat.categories))
             if outside and cat.unseen == "refuse":
                 rep.problems.append(f"feature {col!r} has value(s) outside its categories {cat.categories[:10]}: {outside[:5]}")
             continue
@@ -103,7 +109,7 @@ def coerce(df: pd.DataFrame, features: list[str], label: str | None, feature_dty
     out = df.copy()
     for col in features:
         if col in categorical:
-            out[col] = out[col].astype(str).where(out[col].notna()).astype("string")
+            out[col] = category_strings(out[col]).astype("string")
         else:
             out[col] = out[col].astype(np.int64 if feature_dtype == "int" and col not in impute else np.float64)
     if label and label in out.columns:

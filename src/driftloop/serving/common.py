@@ -81,13 +81,16 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     return await read_limited(request.stream(), max_bytes)
 
 
-def _load_champion(settings, name: str, version: int):
+def _load_champion(settings, name: str, version: int, inputs: str | None = None):
     """Download and load a model version, off the event loop; the downloaded copy is deleted once loaded
-    (the node's disk is only a cache, and a copy per replica start and swap would pile up)."""
+    (the node's disk is only a cache, and a copy per replica start and swap would pile up). With `inputs` (the
+    spec's input digest), a version trained on another input layout is refused before it is downloaded."""
     import shutil
 
     from driftloop import registry
 
+    if inputs is not None:
+        registry.check_inputs(settings, name, version, inputs)
     path = registry.download(settings, name, version, settings.home / "serving" / f"{name}-v{version}-{uuid.uuid4().hex[:6]}")
     try:
         return registry.load_model(path)

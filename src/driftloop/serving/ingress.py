@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
 from driftloop.config import Spec
+from driftloop.features import input_digest
 from driftloop.serving import ids as request_ids
 from driftloop.serving import ui
 from driftloop.serving.common import (ADMIN_TOKEN_ENV, FEEDBACK_BURST, FEEDBACK_RATE, FRESH_ID_S, HANDOFF_S,
@@ -54,7 +55,7 @@ class Predictor(PollLoops):
         v = self.watcher.champion()
         if v is None:
             raise RuntimeError(f"model {self.spec.name!r} has no champion yet: run `driftloop sweep` first")
-        model = _load_champion(self.settings, self.spec.name, v)
+        model = _load_champion(self.settings, self.spec.name, v, input_digest(self.spec.dataset))
         self.current = (model, v)
         self._init_ingress(feedback_rate, feedback_burst)
         self._tasks: list[asyncio.Task] = []
@@ -85,7 +86,8 @@ class Predictor(PollLoops):
             try:
                 v = await asyncio.to_thread(self.watcher.moved, self.current[1])
                 if v is not None:
-                    model = await asyncio.to_thread(_load_champion, self.settings, self.spec.name, v)
+                    model = await asyncio.to_thread(_load_champion, self.settings, self.spec.name, v,
+                                                    input_digest(self.spec.dataset))
                     self.current = (model, v)  # one assignment: in-flight batches keep the model they started with
                     log.info("predictor for %s swapped to version %s", self.spec.name, v)
             except Exception:  # a registry error is kept by the watcher (/healthz shows it); keep serving

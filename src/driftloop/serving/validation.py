@@ -64,24 +64,26 @@ def _listed(values: list[str], most: int = 20) -> str:
 
 def _converters(ds) -> dict[str, Any]:
     """Per feature that is not a plain number: value, where -> the matrix's float (driftloop.features)."""
+    from driftloop.features import category_str
+
     out: dict[str, Any] = {}
     for col in ds.features:
         cat, impute = ds.categorical.get(col), ds.missing.get(col) == "impute"
         if cat is None and not impute:
             continue
 
-        def convert(value: Any, where: str, cat=cat, impute=impute) -> float:
+        def convert(value: Any, where: str, cat=cat, impute=impute, index_of=cat.index if cat else {}) -> float:
             if value is None:
                 if impute:
                     return math.nan
                 raise InvalidInput(f"{where}: a value is required (this feature's missing values are refused)")
             if cat is None:
                 return _number(value, where)
+            index = index_of.get(value if isinstance(value, str) else category_str(value))
+            if index is not None:  # a boolean or integral number is taken as the category it spells (True, 3)
+                return float(index)
             if not isinstance(value, str):
                 raise InvalidInput(f"{where}: must be a string, one of {_listed(cat.categories)}")
-            index = cat.index.get(value)
-            if index is not None:
-                return float(index)
             if cat.unseen == "refuse":
                 raise InvalidInput(f"{where}: {value[:64]!r} is not one of the known values {_listed(cat.categories)}")
             return -1.0
