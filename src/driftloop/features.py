@@ -36,6 +36,21 @@ def category_strings(values: pd.Series) -> pd.Series:
     return values.map(category_str, na_action="ignore")
 
 
+def fill_values(x: np.ndarray, cardinalities: list[int]) -> np.ndarray:
+    """What a missing value becomes, per column of the matrix: the median of a number, the most frequent code of a
+    category (unseen codes aside); 0 where a column has no value. The model and the detectors both fill with it."""
+    x = np.asarray(x, dtype=np.float64)
+    fill = np.zeros(x.shape[1])
+    for j, k in enumerate(cardinalities):
+        col = x[:, j][~np.isnan(x[:, j])]
+        if k:
+            col = col[col >= 0].astype(np.int64)
+            fill[j] = np.bincount(col).argmax() if len(col) else 0.0
+        elif len(col):
+            fill[j] = np.median(col)
+    return fill
+
+
 def encode_frame(df: pd.DataFrame, ds: DatasetSpec) -> np.ndarray:
     """A validated frame's features as the model's float32 matrix."""
     if not ds.categorical:

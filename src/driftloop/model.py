@@ -24,6 +24,7 @@ class MLPClassifier(nn.Module):
 
         super().__init__()
         card = list(cardinalities or [0] * n_features)
+        self.cardinalities = card
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
         self.register_buffer("fill", torch.zeros(n_features))
@@ -44,16 +45,11 @@ class MLPClassifier(nn.Module):
     def set_standardisation(self, x: np.ndarray) -> None:
         """Fit the fill values (median of a number, most frequent code of a category; 0 where a column has no value)
         and mean/std (of the filled numbers; constant columns get std 1) on training features."""
+        from driftloop.features import fill_values
+
         x = np.asarray(x, dtype=np.float64)
-        fill = np.zeros(x.shape[1])
-        categorical = {j for j, _ in self.onehot} | set(self.embedded)
-        for j in range(x.shape[1]):
-            col = x[:, j][~np.isnan(x[:, j])]
-            if j in categorical:
-                col = col[col >= 0]
-                fill[j] = np.bincount(col.astype(np.int64)).argmax() if len(col) else 0.0
-            elif len(col):
-                fill[j] = np.median(col)
+        fill = fill_values(x, self.cardinalities)
+        categorical = [j for j, k in enumerate(self.cardinalities) if k]
         filled = np.where(np.isnan(x), fill, x)
         mean, std = filled.mean(axis=0), filled.std(axis=0)
         std[std < 1e-6] = 1.0

@@ -190,17 +190,6 @@ def _load_version(settings: Settings, name: str, version: int):
         return load_model(download(settings, name, version, tmp))
 
 
-def check_inputs(settings: Settings, name: str, version: int, digest: str) -> None:
-    """Refuse to serve a version whose input layout (features, category lists) is not the spec's: its codes would
-    mean other categories. Versions registered before the digest existed carry none and pass."""
-    tags = client(settings).get_model_version(name, str(version)).tags or {}
-    theirs = tags.get("inputs.digest")
-    if theirs and theirs != digest:
-        raise LoopError(f"model {name!r} v{version} was trained on other inputs than the spec names (its features or "
-                        f"category lists changed since, digest {theirs} vs {digest}): serve it with the spec it was "
-                        "trained with, or retrain on this one")
-
-
 def load_model(path: str | Path):
     """Load a downloaded model (torch.export archive; MLflow refuses pickle payloads in it)."""
     import mlflow.pytorch

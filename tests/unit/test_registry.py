@@ -148,6 +148,7 @@ def test_archive_old_fails_closed_on_a_registry_error(home):
 def test_a_version_trained_on_other_category_lists_is_not_served_with_this_spec(home):
     from driftloop.config import parse_spec
     from driftloop.features import input_digest
+    from driftloop.serving.common import check_inputs
 
     def spec(categories):
         return parse_spec({"name": "m", "dataset": {"source": "x.csv", "table": "t", "features": ["x", "colour"],
@@ -158,8 +159,8 @@ def test_a_version_trained_on_other_category_lists_is_not_served_with_this_spec(
     c = _model(s, "m", 2)
     trained = input_digest(spec(["red", "blue"]).dataset)
     c.set_model_version_tag("m", "1", "inputs.digest", trained)
-    registry.check_inputs(s, "m", 1, trained)                     # the spec it was trained with
-    registry.check_inputs(s, "m", 2, "anything")                  # registered before versions carried a digest
+    check_inputs(s, "m", 1, trained)                     # the spec it was trained with
+    check_inputs(s, "m", 2, "anything")                  # registered before versions carried a digest
     reordered = input_digest(spec(["blue", "red"]).dataset)       # `init` re-run on newer data: same names, new codes
     with pytest.raises(LoopError, match=r"model 'm' v1 was trained on other inputs than the spec names"):
-        registry.check_inputs(s, "m", 1, reordered)
+        check_inputs(s, "m", 1, reordered)

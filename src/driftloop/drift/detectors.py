@@ -53,16 +53,10 @@ class Layout:
 
     @classmethod
     def fit(cls, x_ref: np.ndarray, cardinalities: list[int] | None, imputed: list[int]) -> "Layout":
+        from driftloop.features import fill_values
+
         card = list(cardinalities or [0] * x_ref.shape[1])
-        fill = []
-        for j, k in enumerate(card):
-            col = x_ref[:, j][~np.isnan(x_ref[:, j])]
-            if k:
-                col = col[col >= 0].astype(np.int64)
-                fill.append(float(np.bincount(col).argmax()) if len(col) else 0.0)
-            else:
-                fill.append(float(np.median(col)) if len(col) else 0.0)
-        return cls(card, fill, imputed)
+        return cls(card, fill_values(x_ref, card).tolist(), imputed)
 
     @property
     def categorical(self) -> list[int]:

@@ -81,6 +81,20 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     return await read_limited(request.stream(), max_bytes)
 
 
+def check_inputs(settings, name: str, version: int, digest: str) -> None:
+    """Refuse to serve a version whose input layout (features, category lists) is not the spec's: its codes would
+    mean other categories. Versions registered before the digest existed carry none and pass."""
+    from driftloop import registry
+    from driftloop.errors import LoopError
+
+    tags = registry.client(settings).get_model_version(name, str(version)).tags or {}
+    theirs = tags.get("inputs.digest")
+    if theirs and theirs != digest:
+        raise LoopError(f"model {name!r} v{version} was trained on other inputs than the spec names (its features or "
+                        f"category lists changed since, digest {theirs} vs {digest}): serve it with the spec it was "
+                        "trained with, or retrain on this one")
+
+
 def _load_champion(settings, name: str, version: int, inputs: str | None = None):
     """Download and load a model version, off the event loop; the downloaded copy is deleted once loaded
     (the node's disk is only a cache, and a copy per replica start and swap would pile up). With `inputs` (the
@@ -90,7 +104,7 @@ def _load_champion(settings, name: str, version: int, inputs: str | None = None)
     from driftloop import registry
 
     if inputs is not None:
-        registry.check_inputs(settings, name, version, inputs)
+        check_inputs(settings, name, version, inputs)
     path = registry.download(settings, name, version, settings.home / "serving" / f"{name}-v{version}-{uuid.uuid4().hex[:6]}")
     try:
         return registry.load_model(path)
