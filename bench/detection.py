@@ -16,7 +16,7 @@ def _model(x, y, n_classes, epochs=30, seed=0):
     import torch
     import torch.nn.functional as F
 
-    from driftloop.model import Probabilities, build_model
+    from driftloop.model import Outputs, build_model
 
     torch.manual_seed(seed)
     m = build_model(x.shape[1], n_classes, [128, 64], 0.1)
@@ -28,7 +28,7 @@ def _model(x, y, n_classes, epochs=30, seed=0):
             opt.zero_grad()
             F.cross_entropy(m(xt[i:i + 64]), yt[i:i + 64]).backward()
             opt.step()
-    return Probabilities(m).eval()
+    return Outputs(m).eval()
 
 
 def _fit(kinds, x_ref, p_ref, features, tmp, n_perm=100):
@@ -45,7 +45,7 @@ def run() -> dict:
     import tempfile
 
     from driftloop.data import examples
-    from driftloop.model import predict_proba
+    from driftloop.model import predict_outputs
     from driftloop.train import split_frame
     from driftloop.config import load_spec
     from bench.common import ROOT
@@ -58,14 +58,14 @@ def run() -> dict:
     feats = examples.DIGITS_FEATURES
     out: dict = {"window": WINDOW, "streams": STREAMS, "clean_windows": CLEAN_WINDOWS, "digits": {}, "false_alarms": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        dets = _fit(["bbsd", "ks", "mmd"], x_ref, predict_proba(model, x_ref), feats, tmp)
+        dets = _fit(["bbsd", "ks", "mmd"], x_ref, predict_outputs(model, x_ref), feats, tmp)
         budget = {"bbsd": (STREAMS, CLEAN_WINDOWS), "ks": (STREAMS, CLEAN_WINDOWS), "mmd": (5, 40)}  # MMD permutations cost ~0.7 s a window
         for det in dets:
             n_streams, n_clean = budget[det.kind]
             fa = 0
             for w in range(n_clean):
                 xw = examples.digits_stream(ex.pool, WINDOW, None, seed=10_000 + w)[feats].to_numpy(np.float32)
-                fa += det.predict(xw, predict_proba(model, xw)).is_drift
+                fa += det.predict(xw, predict_outputs(model, xw)).is_drift
             out["false_alarms"][det.kind] = {"windows": n_clean, "rate": fa / n_clean}
             for kind in examples.CORRUPTIONS:
                 for sev in range(1, 6):
@@ -74,7 +74,7 @@ def run() -> dict:
                         delay = None
                         for w in range(MAX_WINDOWS):
                             xw = examples.digits_stream(ex.pool, WINDOW, 0, kind, sev, seed=1000 * seed + w)[feats].to_numpy(np.float32)
-                            if det.predict(xw, predict_proba(model, xw)).is_drift:
+                            if det.predict(xw, predict_outputs(model, xw)).is_drift:
                                 delay = (w + 1) * WINDOW
                                 break
                         delays.append(delay)
@@ -86,7 +86,7 @@ def run() -> dict:
         # Calibration on exchangeable clean windows: all 1,017 images the model never trained on, split at random
         # into a fresh reference and a 500-row window, detectors refitted each time (no shift by construction).
         x_unseen = np.concatenate([x_ref, ex.pool[feats].to_numpy(np.float32)])
-        p_unseen = predict_proba(model, x_unseen)
+        p_unseen = predict_outputs(model, x_unseen)
         out["false_alarms_exchangeable"] = {}
         for kind, n in (("bbsd", CLEAN_WINDOWS), ("ks", CLEAN_WINDOWS), ("mmd", 40)):
             fa = 0
@@ -99,7 +99,7 @@ def run() -> dict:
             print(f"detection {kind}: false alarms on exchangeable windows {fa / n:.3f}", flush=True)
         default = [d.kind for d in spec.drift.detectors]
         out["false_alarms_combined"] = _combined_false_alarms(default, x_unseen, p_unseen, feats, f"{tmp}/or")
-        shipped = _fit(default, x_ref, predict_proba(model, x_ref), feats, f"{tmp}/shipped")
+        shipped = _fit(default, x_ref, predict_outputs(model, x_ref), feats, f"{tmp}/shipped")
         out["delay_random_onset"] = _random_onset_delays(shipped, model, ex.pool, feats)
         out["rainfall"] = _rainfall(tmp + "/rain")
     sev3 = [(k, s) for k in examples.CORRUPTIONS for s in (3, 4, 5)]
@@ -136,7 +136,7 @@ def _random_onset_delays(dets, model, pool, feats) -> dict:
     starts at a uniformly random offset inside one of them. Delay = rows from the onset to the end of the first
     window the shipped set (OR) flags; a stream not flagged within MAX_WINDOWS windows after the onset is a miss."""
     from driftloop.data import examples
-    from driftloop.model import predict_proba
+    from driftloop.model import predict_outputs
 
     out = {}
     for kind in examples.CORRUPTIONS:
@@ -148,7 +148,7 @@ def _random_onset_delays(dets, model, pool, feats) -> dict:
                 x = examples.digits_stream(pool, n, offset, kind, sev, seed=50_000 + seed)[feats].to_numpy(np.float32)
                 end = next((w * WINDOW + WINDOW for w in range(n // WINDOW)
                             if w * WINDOW + WINDOW > offset and any(
-                                d.predict(xw := x[w * WINDOW:(w + 1) * WINDOW], predict_proba(model, xw)).is_drift for d in dets)),
+                                d.predict(xw := x[w * WINDOW:(w + 1) * WINDOW], predict_outputs(model, xw)).is_drift for d in dets)),
                            None)
                 if end is None:
                     missed += 1
@@ -168,13 +168,13 @@ def _rainfall(tmp) -> dict:
     ref = ex.reference
     x_ref = ref[feats].to_numpy(np.float32)
     model = _model(x_ref, ref["rain"].to_numpy(), 2, epochs=10)
-    from driftloop.model import predict_proba
+    from driftloop.model import predict_outputs
 
-    dets = _fit(["ks", "bbsd"], x_ref[-3650:], predict_proba(model, x_ref[-3650:]), feats, tmp)
+    dets = _fit(["ks", "bbsd"], x_ref[-3650:], predict_outputs(model, x_ref[-3650:]), feats, tmp)
     years = []
     pool = ex.pool
     for y in range(len(pool) // 365):
         xw = pool.iloc[y * 365:(y + 1) * 365][feats].to_numpy(np.float32)
-        p = predict_proba(model, xw)
+        p = predict_outputs(model, xw)
         years.append({d.kind: bool(d.predict(xw, p).is_drift) for d in dets})
     return {"years": len(years), "flagged_fraction": {k: float(np.mean([y[k] for y in years])) for k in years[0]}}

@@ -153,7 +153,7 @@ def _champion(settings: Settings, spec: Spec, version: int):
     try:
         path = registry.download(settings, spec.name, version, tmp)
         model = registry.load_model(path)
-        dets, manifest = load_detectors(path / "detectors", spec.n_classes)
+        dets, manifest = load_detectors(path / "detectors", spec.output_names)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return model, WindowedDetectors(dets, manifest.get("window", spec.drift.window), version, spec.drift.history)
@@ -241,7 +241,7 @@ def run_lane(settings: Settings, spec: Spec, stream: Stream, strategy: str, vers
     """Replay the stream through one strategy: predict, then learn each label `label_delay` rows later."""
     from driftloop.drift.core import MonitorCore
     from driftloop.drift.policy import Trigger
-    from driftloop.model import predict_proba
+    from driftloop.model import predict_outputs
 
     lspec = _lane_spec(spec, stamp, strategy)
     model, windowed = _champion(settings, lspec, version)
@@ -259,7 +259,7 @@ def run_lane(settings: Settings, spec: Spec, stream: Stream, strategy: str, vers
     for start in range(0, len(y_all), step):
         end = min(start + step, len(y_all))
         now = float(stream.times[end - 1])
-        proba = predict_proba(lane.model, x_all[start:end])
+        proba = predict_outputs(lane.model, x_all[start:end])
         pred_all[start:end] = classes[proba.argmax(axis=1)]
         lane.versions[start:end] = lane.version
         lane.since_retrain += end - start

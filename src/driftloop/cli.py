@@ -33,10 +33,11 @@ def init_cmd(
     label: str = typer.Option(..., "--label", help="the column to predict"),
     name: Optional[str] = typer.Option(None, "--name", help="model, table and app name (default: the file's name)"),
     time_column: Optional[str] = typer.Option(None, "--time-column", help="a time column kept beside the features"),
-    task: str = typer.Option("classification", "--task", help="classification (regression: not supported yet)"),
+    task: Optional[str] = typer.Option(None, "--task", help="classification or regression (default: from the label: "
+                                       "class names or up to 50 integer values are classes, other numbers regression)"),
     force: bool = typer.Option(False, "--force", help="replace existing configs/NAME.yaml and serve_configs/NAME.yaml"),
 ) -> None:
-    """Write configs/NAME.yaml and serve_configs/NAME.yaml from a file: features, classes, split and drift window
+    """Write configs/NAME.yaml and serve_configs/NAME.yaml from a file: features, task and classes, split and drift window
     inferred, each choice commented. Then: `driftloop data ingest FILE --table NAME`, `driftloop sweep
     configs/NAME.yaml`, `driftloop serve serve_configs/NAME.yaml`."""
     from driftloop.init import InitError, infer, write
@@ -45,7 +46,8 @@ def init_cmd(
         raise InitError(f"--name {name!r}: use letters, digits, _ and - only")
     inf = infer(str(data), label, name, time_column, task)
     spec_path, serve_path = write(inf, Path.cwd(), force)
-    typer.echo(f"wrote {spec_path.relative_to(Path.cwd())} ({len(inf.features)} features, classes {inf.classes}, "
+    what = f"classes {inf.classes}" if inf.classes is not None else f"regression of {inf.label}"
+    typer.echo(f"wrote {spec_path.relative_to(Path.cwd())} ({len(inf.features)} features, {what}, "
                f"window {inf.window}) and {serve_path.relative_to(Path.cwd())}")
     if inf.skipped:
         typer.echo(f"not used as features: {', '.join(f'{c} ({w})' for c, w in inf.skipped.items())}")
@@ -91,11 +93,12 @@ def models_cmd(name: str = typer.Argument(..., help="model name"), as_json: bool
         return
     if not rows:
         _fail(f"no registered versions of model {name!r}")
-    typer.echo(f"{'ver':>4} {'champ':<8} {'test_acc':>9}  {'decision':<9} {'data':<40} reason")
+    score = "test_rmse" if any(r.get("test_rmse") for r in rows) else "test_accuracy"  # regression: the error
+    typer.echo(f"{'ver':>4} {'champ':<8} {score.replace('accuracy', 'acc'):>9}  {'decision':<9} {'data':<40} reason")
     for r in rows:
         data = r["data"] if len(r["data"]) <= 40 else "…" + r["data"][-39:]
         mark = "*" if r["champion"] else "archived" if r.get("archived") else ""
-        typer.echo(f"{r['version']:>4} {mark:<8} {r['test_accuracy']:>9}  {r['decision']:<9} {data:<40} {r['reason']}")
+        typer.echo(f"{r['version']:>4} {mark:<8} {r[score]:>9}  {r['decision']:<9} {data:<40} {r['reason']}")
 
 
 @app.command("promote")
@@ -181,7 +184,7 @@ def replay_cmd(
             raise LoopError(f"--start {start}: {source} has {len(df)} rows")
         df = df.iloc[start: start + rows if rows else None].reset_index(drop=True)
         rep = asyncio.run(replay_async(url, app_name, df, sp.dataset.features, sp.dataset.label, rps, labels, batch=batch,
-                                       label_delay=label_delay))
+                                       label_delay=label_delay, regression=sp.regression))
     typer.echo(json.dumps(rep.summary()))
     if rep.failed:
         raise typer.Exit(1)

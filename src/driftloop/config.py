@@ -69,8 +69,9 @@ class DatasetSpec(_Strict):
     features: list[str] = Field(min_length=1)
     feature_dtype: Literal["float", "int"] = "float"
     label: str
-    classes: list[int] | list[str] = Field(min_length=2, description="the label's values: integers, or strings "
-                                           "(e.g. [benign, malignant]; predictions and feedback use them as they are)")
+    classes: list[int] | list[str] | None = Field(
+        default=None, min_length=2, description="classification: the label's values, integers or strings (e.g. "
+        "[benign, malignant]; predictions and feedback use them as they are); regression: none (the label is a number)")
     categorical: dict[str, CategoricalSpec] = Field(default_factory=dict, description="features whose values are "
                                                     "names (one-hot coded in the model, or embedded above 16 values)")
     missing: dict[str, Literal["refuse", "impute"]] = Field(
@@ -94,7 +95,9 @@ class DatasetSpec(_Strict):
 
     @field_validator("classes")
     @classmethod
-    def _distinct(cls, v: list) -> list:
+    def _distinct(cls, v: list | None) -> list | None:
+        if v is None:
+            return v
         if len(set(v)) != len(v):
             raise ValueError(f"duplicate classes: {sorted({c for c in v if v.count(c) > 1})}")
         if any(isinstance(c, str) and not c for c in v):
@@ -103,11 +106,18 @@ class DatasetSpec(_Strict):
 
     @property
     def string_labels(self) -> bool:
-        return isinstance(self.classes[0], str)
+        return bool(self.classes) and isinstance(self.classes[0], str)
 
-    def label_value(self, value: Any) -> int | str:
-        """A label as the spec's classes hold it (a plain int or str, from numpy or JSON)."""
+    @property
+    def regression(self) -> bool:
+        """No classes: the label is a number to predict."""
+        return self.classes is None
+
+    def label_value(self, value: Any) -> int | str | float:
+        """A label as the spec's classes hold it (a plain int or str, from numpy or JSON); a float for regression."""
         value = value.item() if hasattr(value, "item") else value
+        if self.regression:
+            return float(value)
         return str(value) if self.string_labels else int(value)
 
     @property
@@ -171,8 +181,9 @@ _DISTRIBUTIONS = {"uniform", "loguniform", "choice", "randint", "quniform"}
 class SweepSpec(_Strict):
     trials: int = Field(default=4, ge=1)
     concurrency: int = Field(default=2, ge=1)
-    metric: str = "val_accuracy"
-    mode: Literal["max", "min"] = "max"
+    metric: str | None = Field(default=None, description="what the sweep optimises (default: val_accuracy, max; "
+                               "regression: val_rmse, min)")
+    mode: Literal["max", "min"] | None = None
     search: Literal["optuna", "random"] = "optuna"
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(default=3, ge=1)
@@ -230,7 +241,10 @@ class PolicySpec(_Strict):
     warmup_windows: int | None = Field(default=None, ge=0, description="windows a new champion's detectors see before a "
                                        "drift trigger counts (default: m)")
     online_alarm: bool = True
-    accuracy_floor: float | None = Field(default=None, ge=0, le=1)
+    accuracy_floor: float | None = Field(default=None, ge=0, le=1, description="classification: retrain when the "
+                                         "champion's rolling accuracy falls below this")
+    max_error: float | None = Field(default=None, gt=0, description="regression: retrain when the champion's rolling "
+                                    "mean absolute error rises above this (in the label's units)")
     new_labels: int | None = Field(default=None, ge=1)
     new_data: NewDataSpec | None = None
     window_drift: bool = Field(default=True, description="drift in k of m windows triggers (false: windows are only "
@@ -246,8 +260,10 @@ class PolicySpec(_Strict):
 
 
 class GateSpec(_Strict):
-    metric: Literal["accuracy"] = "accuracy"
-    min_improvement: float = Field(default=0.0, ge=-1, le=1)
+    metric: Literal["accuracy", "rmse", "mae"] | None = Field(default=None, description="what the challenger must beat "
+                                                              "the champion on (default: accuracy; regression: rmse)")
+    min_improvement: float = Field(default=0.0, description="the margin a challenger must win by, in the metric's "
+                                   "units (accuracy: a fraction; rmse, mae: the label's units)")
 
 
 class RetrainSpec(_Strict):
@@ -285,7 +301,7 @@ class LifecycleSpec(_Strict):
 
 class Spec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "regression"] = "classification"
     dataset: DatasetSpec
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -299,8 +315,49 @@ class Spec(_Strict):
         return len(self.dataset.features)
 
     @property
+    def regression(self) -> bool:
+        return self.task == "regression"
+
+    @property
     def n_classes(self) -> int:
-        return len(self.dataset.classes)
+        """The model's output width: one per class, or one predicted value (regression)."""
+        return 1 if self.regression else len(self.dataset.classes)
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the model's outputs, as drift results name them: p_0 … per class, or `prediction`."""
+        return ["prediction"] if self.regression else [f"p_{i}" for i in range(self.n_classes)]
+
+    @property
+    def tune_metric(self) -> tuple[str, str]:
+        """(metric, mode) of the sweep: the spec's, or the task's default."""
+        metric = self.sweep.metric or ("val_rmse" if self.regression else "val_accuracy")
+        return metric, self.sweep.mode or ("min" if metric.split("_")[-1] in ("rmse", "mae", "loss") else "max")
+
+    @property
+    def gate_metric(self) -> str:
+        return self.retraining.gate.metric or ("rmse" if self.regression else "accuracy")
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> "Spec":
+        ds, p, g = self.dataset, self.retraining.policy, self.retraining.gate
+        if self.regression:
+            wrong = [(ds.classes is not None, "dataset.classes: a regression label has no classes; remove them"),
+                     (p.accuracy_floor is not None, "retraining.policy.accuracy_floor: regression has no accuracy; use max_error"),
+                     (p.accuracy_drop is not None, "retraining.policy.accuracy_drop: regression has no accuracy; use max_error"),
+                     (g.metric == "accuracy", "retraining.gate.metric: regression is gated on rmse or mae"),
+                     (self.sweep.metric is not None and "accuracy" in self.sweep.metric,
+                      "sweep.metric: regression trials report val_rmse and val_mae, not accuracy")]
+        else:
+            wrong = [(ds.classes is None, "dataset.classes: a classifier needs its classes (or set task: regression)"),
+                     (p.max_error is not None, "retraining.policy.max_error: applies to regression; use accuracy_floor"),
+                     (g.metric in ("rmse", "mae"), f"retraining.gate.metric: {g.metric} applies to regression"),
+                     (g.metric in (None, "accuracy") and abs(g.min_improvement) > 1,
+                      "retraining.gate.min_improvement: an accuracy margin lies in [-1, 1]")]
+        for bad, msg in wrong:
+            if bad:
+                raise ValueError(msg)
+        return self
 
 
 def _format(err: ValidationError, where: str) -> str:

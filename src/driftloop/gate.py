@@ -28,16 +28,14 @@ def register_and_gate(spec: Spec, settings: Settings, dv: DataVersion, checkpoin
     from driftloop import registry
     from driftloop.drift.detectors import fit_detectors
     from driftloop.drift.reference import Reference
-    from driftloop.model import Probabilities, accuracy, predict_proba
+    from driftloop.model import Outputs, predict_outputs, scores
     from driftloop.train import load_checkpoint_model, load_splits
 
     classifier, hp, epoch = load_checkpoint_model(spec, checkpoint_dir)
     splits = load_splits(spec, dv, tail_rows)
-    proba_model = Probabilities(classifier).eval()
-    metrics = {
-        "test_accuracy": accuracy(predict_proba(proba_model, splits.x_test), splits.y_test, spec.dataset.classes),
-        "val_accuracy": accuracy(predict_proba(proba_model, splits.x_val), splits.y_val, spec.dataset.classes),
-    }
+    proba_model = Outputs(classifier).eval()
+    metrics = {f"{split}_{k}": v for split, x, y in (("test", splits.x_test, splits.y_test), ("val", splits.x_val, splits.y_val))
+               for k, v in scores(predict_outputs(proba_model, x), y, spec).items()}
     c = registry.client(settings)
     for k, v in metrics.items():
         c.log_metric(run_id, k, v)
@@ -49,7 +47,7 @@ def register_and_gate(spec: Spec, settings: Settings, dv: DataVersion, checkpoin
         reference = Reference(np.concatenate([splits.x_val, splits.x_test]), f"{dv.uri}@v{dv.version} validation + test splits{why}")
     x_ref = reference.x
     with tempfile.TemporaryDirectory() as tmp:
-        det_dir = fit_detectors(spec.drift, x_ref, predict_proba(proba_model, x_ref), spec.dataset.features,
+        det_dir = fit_detectors(spec.drift, x_ref, predict_outputs(proba_model, x_ref), spec.dataset.features,
                                 Path(tmp) / "detectors", seed=spec.dataset.seed,
                                 cardinalities=spec.dataset.cardinalities, imputed=spec.dataset.imputed)
         tags = {"hparams": json.dumps(hp), "reference.source": reference.source[:250],

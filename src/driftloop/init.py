@@ -15,7 +15,7 @@ import pandas as pd
 from driftloop.data.ingest import SourceError, load_source
 from driftloop.features import category_strings
 
-MAX_CLASSES = 50  # an integer label with more distinct values than this looks like a quantity, not a class
+MAX_CLASSES = 50  # an integer label with more distinct values than this is a quantity (regression), not a class
 MAX_CATEGORIES = 1000  # a text column with more distinct values than this (or than half the rows) looks like an id
 MAX_MISSING = 0.5  # a column missing in more than this fraction of rows is left out, not imputed
 
@@ -33,8 +33,9 @@ class Inferred:
     skipped: dict[str, str]  # column -> why it is not a feature
     categorical: dict[str, list[str]]  # feature -> its values, most frequent first
     imputed: dict[str, float]  # feature -> fraction of rows missing it
-    classes: list[int] | list[str]
-    counts: dict
+    classes: list[int] | list[str] | None  # None: regression
+    counts: dict  # rows per class; regression: the label's min, median, max
+    task: str
     time_column: str | None
     rows: int
     window: int
@@ -47,11 +48,46 @@ def _name_of(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", path.stem) or "model"
 
 
+def _task_and_classes(y: pd.Series, label: str, task: str | None) -> tuple[str, list | None, str]:
+    """(task, classes, why): class names, integers with at most MAX_CLASSES values, or a number to predict."""
+    text = pd.api.types.is_object_dtype(y) or pd.api.types.is_string_dtype(y) or isinstance(y.dtype, pd.CategoricalDtype)
+    if text and not all(isinstance(v, str) for v in y.unique()):
+        raise InitError(f"label {label!r} mixes strings and other values: make every label a class name")
+    numeric = not text and pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y)
+    integral = numeric and (pd.api.types.is_integer_dtype(y) or bool(np.all(np.mod(y.to_numpy(dtype=np.float64), 1) == 0)))
+    if task == "regression":
+        if not numeric:
+            raise InitError(f"--task regression: label {label!r} is not a number (dtype {y.dtype}, e.g. {y.iloc[0]!r})")
+        if not np.isfinite(y.to_numpy(dtype=np.float64)).all():
+            raise InitError(f"label {label!r} has inf values: a regression target must be finite")
+        return "regression", None, "--task regression"
+    if text:
+        return "classification", sorted(str(v) for v in y.unique()), f"the label holds {y.nunique()} class names"
+    if task == "classification":
+        if not integral:
+            raise InitError(f"label {label!r} is not a class (dtype {y.dtype}, e.g. {y.iloc[0]!r}): a classifier needs integer "
+                            "or string labels; a continuous target is regression (--task regression)")
+        if y.nunique() > MAX_CLASSES:
+            raise InitError(f"label {label!r} has {y.nunique()} distinct values: more than {MAX_CLASSES} classes; a quantity is "
+                            "regression (--task regression)")
+        return "classification", sorted(int(v) for v in y.unique()), f"--task classification: {y.nunique()} integer values"
+    if not numeric:
+        raise InitError(f"label {label!r} is neither class names nor a number (dtype {y.dtype})")
+    if integral and y.nunique() <= MAX_CLASSES:
+        return "classification", sorted(int(v) for v in y.unique()), f"the label has {y.nunique()} integer values (at most {MAX_CLASSES})"
+    if not np.isfinite(y.to_numpy(dtype=np.float64)).all():
+        raise InitError(f"label {label!r} has inf values: a regression target must be finite")
+    why = (f"the label has {y.nunique()} distinct integer values (more than {MAX_CLASSES}): a quantity" if integral
+           else "the label is a continuous number")
+    return "regression", None, why
+
+
 def infer(data: str, label: str, name: str | None = None, time_column: str | None = None,
-          task: str = "classification") -> Inferred:
-    """Read the file and infer a classification spec; InitError names what makes it unusable."""
-    if task != "classification":
-        raise InitError(f"--task {task}: not supported yet (driftloop trains classifiers; regression is planned)")
+          task: str | None = None) -> Inferred:
+    """Read the file and infer a spec (classification or regression, from the label unless `task` says);
+    InitError names what makes it unusable."""
+    if task not in (None, "classification", "regression"):
+        raise InitError(f"--task {task!r}: use classification or regression")
     path = Path(data)
     if not path.is_file():
         raise InitError(f"{data}: no such file")
@@ -70,19 +106,14 @@ def infer(data: str, label: str, name: str | None = None, time_column: str | Non
     if y.isna().any():
         raise InitError(f"label {label!r} has {int(y.isna().sum())} missing value(s): label every row, or drop those rows")
     if y.nunique() < 2:
-        raise InitError(f"label {label!r} is constant ({y.iloc[0]!r}): a classifier needs at least two classes")
-    if pd.api.types.is_object_dtype(y) or pd.api.types.is_string_dtype(y) or isinstance(y.dtype, pd.CategoricalDtype):
-        if not all(isinstance(v, str) for v in y.unique()):
-            raise InitError(f"label {label!r} mixes strings and other values: make every label a class name")
-        classes = sorted(str(v) for v in y.unique())  # class names, kept as they are
-    elif pd.api.types.is_integer_dtype(y) or (pd.api.types.is_float_dtype(y) and np.all(np.mod(y.to_numpy(), 1) == 0)):
-        classes = sorted(int(v) for v in y.unique())
+        raise InitError(f"label {label!r} is constant ({y.iloc[0]!r}): there is nothing to learn to predict")
+    task, classes, why = _task_and_classes(y, label, task)
+    if classes is None:
+        v = y.to_numpy(dtype=np.float64)
+        label_counts = {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max()), "why": why}
     else:
-        raise InitError(f"label {label!r} is not a class (dtype {y.dtype}, e.g. {y.iloc[0]!r}): a classifier needs integer "
-                        "or string labels; a continuous target is regression, not supported yet")
-    if len(classes) > MAX_CLASSES:
-        raise InitError(f"label {label!r} has {len(classes)} distinct values: that looks like a quantity (regression, "
-                        f"not supported yet), not at most {MAX_CLASSES} classes")
+        label_counts = {(k if isinstance(k, str) else int(k)): int(n) for k, n in y.value_counts().items()}
+        label_counts["why"] = why
     features, skipped, categorical, imputed = [], {}, {}, {}
     for col in df.columns:
         if col in (label, time_column):
@@ -116,8 +147,8 @@ def infer(data: str, label: str, name: str | None = None, time_column: str | Non
     width = int(min(128, max(16, 2 ** math.ceil(math.log2(max(len(features), 2) * 2)))))
     return Inferred(
         name=name or _name_of(path), source=str(path), label=label, features=features, skipped=skipped,
-        categorical=categorical, imputed=imputed, classes=classes,
-        counts={(k if isinstance(k, str) else int(k)): int(v) for k, v in y.value_counts().items()}, time_column=time_column, rows=n, window=window,
+        categorical=categorical, imputed=imputed, classes=classes, counts=label_counts, task=task,
+        time_column=time_column, rows=n, window=window,
         reference_rows=int(min(1000, max(10, round(n * 0.3)))), hidden=[width, max(8, width // 2)],
         batch_size=int(min(128, max(16, 2 ** round(math.log2(max(n / 50, 1)))))))
 
@@ -135,7 +166,20 @@ def spec_text(inf: Inferred) -> str:
 
     quote = lambda s: yaml.safe_dump(s, default_style=None).strip().removesuffix("...").strip()  # noqa: E731
     skipped = "".join(f"\n#   {c}: {w}" for c, w in inf.skipped.items()) or " none"
-    counts = ", ".join(f"{c}: {inf.counts[c]}" for c in inf.classes)
+    if inf.task == "regression":
+        c = inf.counts
+        task_line = f"task: regression                # {c['why']}"
+        label_lines = (f"  # no classes: the label is a number (in the file: min {c['min']:g}, median {c['median']:g}, "
+                       f"max {c['max']:g}); the model predicts it, trained on mean squared error\n")
+        bbsd = "    - {kind: bbsd}                         # Kolmogorov-Smirnov on the model's predictions (y-hat)"
+        gate = ("  gate: {metric: rmse}           # a challenger must have a lower root mean squared error on the same rows\n"
+                "  # policy.max_error: N retrains when the rolling mean absolute error of labelled rows exceeds N\n")
+    else:
+        counts = ", ".join(f"{c}: {inf.counts[c]}" for c in inf.classes)  # rows per class
+        task_line = f"task: classification            # {inf.counts['why']}"
+        label_lines = f"  classes: {_flow(inf.classes)}   # rows per class in the file: {counts}\n"
+        bbsd = "    - {kind: bbsd}                         # black-box shift detection on the model's outputs"
+        gate = ""
     features = "\n".join(f"    - {quote(f)}" for f in inf.features)
     cat_lines = "".join(
         f"    {quote(c)}:                 # {len(v)} values in the file, most frequent first\n"
@@ -152,7 +196,7 @@ def spec_text(inf: Inferred) -> str:
     return f"""# Model spec written by `driftloop init {inf.source} --label {inf.label}`: {inf.rows} rows, {len(inf.features)} features.
 # Every value below was inferred from the file; change any of them. Columns not used as features:{skipped}
 name: {quote(inf.name)}
-task: classification            # the label has {len(inf.classes)} {"class names" if isinstance(inf.classes[0], str) else "integer values"}
+{task_line}
 dataset:
   source: {quote(inf.source)}
   table: {quote(inf.name)}      # the Delta table `driftloop data ingest` appends to
@@ -160,8 +204,7 @@ dataset:
 {features}
   feature_dtype: float
 {categorical}{missing}  label: {quote(inf.label)}
-  classes: {_flow(inf.classes)}   # rows per class in the file: {counts}
-{time_line}  min_rows: 10
+{label_lines}{time_line}  min_rows: 10
   split: [0.7, 0.15, 0.15]      # train / validation / test; validation + test are the detectors' reference
   seed: 0
 model:
@@ -185,12 +228,12 @@ drift:
   reference_rows: {inf.reference_rows}           # at most 30 % of the file (the held-out splits supply them)
   detectors:
     - {{kind: ks, correction: bonferroni}}   # per-feature Kolmogorov-Smirnov on the inputs (chi-square on categories)
-    - {{kind: bbsd}}                         # black-box shift detection on the model's outputs
+{bbsd}
 {"    - {kind: missing}                      # chi-square on the missing rate of each imputed column" + chr(10) if inf.imputed else ""}retraining:
   policy: {{k: 2, m: 3}}           # drift in two of the last three windows triggers a retrain
   cooldown_s: 300
   min_labelled_rows: {inf.window}         # at least one window of labelled production rows first
-"""
+{gate}"""
 
 
 def serve_text(inf: Inferred, spec_path: str) -> str:

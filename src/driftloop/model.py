@@ -14,15 +14,20 @@ def embedding_width(k: int) -> int:
 
 
 class MLPClassifier(nn.Module):
-    """Feature matrix in, class logits out. Fill values, mean/std and the category layout are buffers and modules,
-    so the exported model is self-contained. `cardinalities[j]` is 0 for a numeric column, else its number of
-    categories: up to EMBED_ABOVE they are one-hot coded (an unseen code, -1, is all zeros), above it embedded."""
+    """Feature matrix in, class logits out (or, with `regression`, the standardised predicted value: Outputs scales
+    it back with the `target` buffer, the training labels' mean and std). Fill values, mean/std and the category
+    layout are buffers and modules, so the exported model is self-contained. `cardinalities[j]` is 0 for a numeric
+    column, else its number of categories: up to EMBED_ABOVE they are one-hot coded (an unseen code, -1, is all
+    zeros), above it embedded."""
 
     def __init__(self, n_features: int, n_classes: int, hidden: list[int], dropout: float = 0.0,
-                 cardinalities: list[int] | None = None):
+                 cardinalities: list[int] | None = None, regression: bool = False):
         from driftloop.config import EMBED_ABOVE
 
         super().__init__()
+        self.regression = regression
+        if regression:  # only then: a classifier's checkpoint keeps the keys it always had
+            self.register_buffer("target", torch.tensor([0.0, 1.0]))
         card = list(cardinalities or [0] * n_features)
         self.cardinalities = card
         self.register_buffer("mean", torch.zeros(n_features))
@@ -59,6 +64,12 @@ class MLPClassifier(nn.Module):
         self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.std.copy_(torch.as_tensor(std, dtype=torch.float32))
 
+    def set_target_standardisation(self, y: np.ndarray) -> None:
+        """Regression learns the label standardised (any scale trains alike); `target` holds its mean and std."""
+        y = np.asarray(y, dtype=np.float64)
+        std = float(y.std()) if len(y) else 1.0
+        self.target.copy_(torch.tensor([float(y.mean()) if len(y) else 0.0, std if std > 1e-12 else 1.0]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.where(torch.isnan(x), self.fill, x)
         z = (x - self.mean) / self.std
@@ -72,29 +83,59 @@ class MLPClassifier(nn.Module):
         return self.net(torch.cat(parts, dim=1))
 
 
-class Probabilities(nn.Module):
-    """What gets registered: raw features in, class probabilities out."""
+class Outputs(nn.Module):
+    """What gets registered: raw features in; class probabilities out, or (regression) the predicted value, one
+    column in the label's units."""
 
     def __init__(self, classifier: nn.Module):
         super().__init__()
         self.classifier = classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.classifier(x), dim=-1)
+        z = self.classifier(x)
+        if getattr(self.classifier, "regression", False):
+            return z * self.classifier.target[1] + self.classifier.target[0]
+        return torch.softmax(z, dim=-1)
 
 
 def build_model(n_features: int, n_classes: int, hidden: list[int], dropout: float,
-                cardinalities: list[int] | None = None) -> MLPClassifier:
-    return MLPClassifier(n_features, n_classes, list(hidden), float(dropout), cardinalities)
+                cardinalities: list[int] | None = None, regression: bool = False) -> MLPClassifier:
+    return MLPClassifier(n_features, n_classes, list(hidden), float(dropout), cardinalities, regression)
+
+
+def spec_model(spec, hidden: list[int], dropout: float) -> MLPClassifier:
+    """The spec's model (task, features, categories) with these hyperparameters, untrained."""
+    return build_model(spec.n_features, spec.n_classes, hidden, dropout, spec.dataset.cardinalities, spec.regression)
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, x: np.ndarray, batch: int = 4096) -> np.ndarray:
-    """Class probabilities for raw feature rows from a model in eval mode that outputs probabilities."""
+def predict_outputs(model: nn.Module, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """The outputs of a model in eval mode (an Outputs: class probabilities, or the predicted value) for raw rows."""
     out = [model(torch.as_tensor(np.asarray(x[i : i + batch], dtype=np.float32))).numpy() for i in range(0, len(x), batch)]
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def accuracy(proba: np.ndarray, y: np.ndarray, classes: list[int]) -> float:
-    pred = np.asarray(classes)[proba.argmax(axis=1)]
-    return float((pred == np.asarray(y)).mean()) if len(y) else float("nan")
+def predictions(out: np.ndarray, spec) -> np.ndarray:
+    """What the model predicts per row: its most probable class, or (regression) the value."""
+    if spec.regression:
+        return np.asarray(out, dtype=np.float64).reshape(len(out), -1)[:, 0]
+    return np.asarray(spec.dataset.classes)[np.asarray(out).argmax(axis=1)]
+
+
+def scores(out: np.ndarray, y: np.ndarray, spec) -> dict[str, float]:
+    """The task's metrics of outputs against labels: accuracy, or rmse and mae (NaN with no rows)."""
+    if not len(y):
+        return {"rmse": float("nan"), "mae": float("nan")} if spec.regression else {"accuracy": float("nan")}
+    pred = predictions(out, spec)
+    if spec.regression:
+        err = pred - np.asarray(y, dtype=np.float64)
+        return {"rmse": float(np.sqrt(np.mean(err ** 2))), "mae": float(np.mean(np.abs(err)))}
+    return {"accuracy": float((pred == np.asarray(y)).mean())}
+
+
+def label_score(prediction, label, regression: bool) -> float:
+    """One labelled row, as rolling metrics count it: 1.0 when the class was right (else 0.0), or the absolute error."""
+    return abs(float(prediction) - float(label)) if regression else float(prediction == label)
+
+
+LOWER_IS_BETTER = {"rmse", "mae"}

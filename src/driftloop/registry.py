@@ -104,13 +104,13 @@ def register_bundle(
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
-    from driftloop.model import Probabilities, predict_proba
+    from driftloop.model import Outputs, predict_outputs
 
     configure(settings)
     c = client(settings)
-    proba_model = Probabilities(classifier).eval()
+    proba_model = Outputs(classifier).eval()
     example = np.zeros((2, spec.n_features), dtype=np.float32)
-    signature = infer_signature(example, predict_proba(proba_model, example))
+    signature = infer_signature(example, predict_outputs(proba_model, example))
     meta = {"features": spec.dataset.features, "classes": spec.dataset.classes, "label": spec.dataset.label,
             "data": dv.as_dict(), "spec": spec.model_dump(mode="json")}
     with mlflow.start_run(run_id=run_id):
@@ -208,22 +208,27 @@ class Decision:
     champion_score: float | None
 
 
-def decide(challenger: float, champion: float | None, min_improvement: float, tie_promotes: bool = False) -> Decision:
-    """Promote the first version; otherwise only a challenger that beats the champion by the margin.
+def decide(challenger: float, champion: float | None, min_improvement: float, tie_promotes: bool = False,
+           metric: str = "accuracy") -> Decision:
+    """Promote the first version; otherwise only a challenger that beats the champion by the margin (higher accuracy,
+    or lower rmse / mae).
 
     With a margin of 0 a tie is refused: replacing a model costs a swap and buys nothing. Unless the challenger
     carries the drift reference of the regime now served (`tie_promotes`): then the swap buys detectors that stop
     flagging traffic both models handle equally well.
     """
+    from driftloop.model import LOWER_IS_BETTER
+
     if champion is None:
         return Decision(True, "first version", challenger, None)
     if np.isnan(challenger):
         return Decision(False, "challenger score is NaN", challenger, champion)
-    gain = challenger - champion
+    gain = champion - challenger if metric in LOWER_IS_BETTER else challenger - champion
     ok = gain >= min_improvement if (min_improvement > 0 or tie_promotes) else gain > min_improvement
     verdict = ("ties (and carries the current regime's drift reference)" if ok and gain == 0 else "beats") if ok else "does not beat"
-    return Decision(ok, f"{verdict} champion: {challenger:.4f} vs {champion:.4f} ({gain:+.4f}, needs {min_improvement:+.4f})",
-                    challenger, champion)
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
+    return Decision(ok, f"{verdict} champion on {metric}: {challenger:.4f} vs {champion:.4f} ({better} is better; gain "
+                        f"{gain:+.4f}, needs {min_improvement:+.4f})", challenger, champion)
 
 
 _clock = threading.Lock()
@@ -290,15 +295,16 @@ def record_decision(c, name: str, version: int, decision: str, reason: str, chal
 def gate_and_promote(settings: Settings, spec: Spec, version: int, x_eval: np.ndarray, y_eval: np.ndarray,
                      eval_label: str, tie_promotes: bool = False) -> Decision:
     """Score challenger and champion on the same evaluation rows; move the alias only if the gate passes."""
-    from driftloop.model import accuracy, predict_proba
+    from driftloop.model import predict_outputs, scores
 
     c = client(settings)
+    metric = spec.gate_metric
     champ = champion_version(settings, spec.name)  # raises on a registry error: the gate refuses, never "first version"
-    ch_score = accuracy(predict_proba(_load_version(settings, spec.name, version), x_eval), y_eval, spec.dataset.classes)
+    ch_score = scores(predict_outputs(_load_version(settings, spec.name, version), x_eval), y_eval, spec)[metric]
     champ_score = None
     if champ is not None and champ != version:
-        champ_score = accuracy(predict_proba(_load_version(settings, spec.name, champ), x_eval), y_eval, spec.dataset.classes)
-    d = decide(ch_score, champ_score, spec.retraining.gate.min_improvement, tie_promotes)
+        champ_score = scores(predict_outputs(_load_version(settings, spec.name, champ), x_eval), y_eval, spec)[metric]
+    d = decide(ch_score, champ_score, spec.retraining.gate.min_improvement, tie_promotes, metric)
     if d.promote:
         now = champion_version(settings, spec.name)
         if now != champ:  # promoted by someone else while we scored: our comparison is stale
@@ -390,7 +396,7 @@ def list_versions(settings: Settings, name: str) -> list[dict[str, Any]]:
         t = mv.tags
         rows.append({
             "version": int(mv.version), "champion": int(mv.version) == champ,
-            "test_accuracy": t.get("metric.test_accuracy", ""), "data": f"{t.get('data.uri', '')}@v{t.get('data.version', '')}",
+            "test_accuracy": t.get("metric.test_accuracy", ""), "test_rmse": t.get("metric.test_rmse", ""), "data": f"{t.get('data.uri', '')}@v{t.get('data.version', '')}",
             "digest": t.get("data.digest", ""), "decision": t.get("gate.decision", ""), "reason": t.get("gate.reason", ""),
             "challenger_score": t.get("gate.challenger_score", ""), "champion_score": t.get("gate.champion_score", ""),
             "run_id": mv.run_id, "drift_event": t.get("lineage.drift_event", ""), "job_id": t.get("lineage.job_id", ""),

@@ -57,6 +57,8 @@ class ReplayReport:
     failed: int = 0
     status_counts: dict[int, int] = field(default_factory=dict)
     correct: int = 0
+    abs_error: float = 0.0  # regression: the sum of |prediction - label| over the answered rows
+    regression: bool = False
     labelled: int = 0
     versions: dict[int, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
@@ -67,35 +69,42 @@ class ReplayReport:
     def accuracy(self) -> float:
         return self.correct / self.ok if self.ok else float("nan")
 
+    @property
+    def mae(self) -> float:
+        return self.abs_error / self.ok if self.ok else float("nan")
+
     def summary(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
-        return {"sent": self.sent, "ok": self.ok, "failed": self.failed, "accuracy": round(self.accuracy, 4),
+        score = {"mae": round(self.mae, 4)} if self.regression else {"accuracy": round(self.accuracy, 4)}
+        return {"sent": self.sent, "ok": self.ok, "failed": self.failed, **score,
                 "labelled": self.labelled, "model_versions": {str(k): v for k, v in sorted(self.versions.items())},
                 "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
                 "rps": round(self.sent / self.seconds, 1) if self.seconds else 0.0,
                 "status": {str(k): v for k, v in sorted(self.status_counts.items())}}
 
 
-def _plain(label):
-    """A label as JSON carries it: an int for integer classes (numpy's included), the string itself for names."""
+def _plain(label, regression: bool = False):
+    """A label as JSON carries it: an int for integer classes (numpy's included), the string itself for names, a
+    float for a regression target."""
     label = label.item() if hasattr(label, "item") else label
-    return label if isinstance(label, str) else int(label)
+    return label if isinstance(label, str) else float(label) if regression else int(label)
 
 
 async def replay_async(
     url: str, app: str, df: pd.DataFrame, features: list[str], label: str, rps: float, labels: bool = False,
     concurrency: int = 16, headers: dict[str, str] | None = None, on_response: Callable[[int, dict], None] | None = None,
-    keep_responses: bool = False, timeout: float = 30.0, batch: int = 1, label_delay: int = 0,
+    keep_responses: bool = False, timeout: float = 30.0, batch: int = 1, label_delay: int = 0, regression: bool = False,
 ) -> ReplayReport:
     """Send the rows in order at a paced rate (rows per second; open loop, bounded in count and time), `batch`
     rows per `/predict` request (one row: `{"row": …}`, more: `{"rows": […]}`). Counts are per row; with
     `labels`, each row's ground truth goes to `/feedback` under its own id, at once or, with `label_delay` N,
-    once row i + N has been answered (as labels arrive later in production; the rest at the end)."""
+    once row i + N has been answered (as labels arrive later in production; the rest at the end). With `regression`
+    the labels are numbers and the report gives the mean absolute error instead of accuracy."""
     import httpx
 
     if batch < 1:
         raise ValueError("batch must be >= 1")
-    rep = ReplayReport()
+    rep = ReplayReport(regression=regression)
     base = f"{url.rstrip('/')}/{app.strip('/')}"
     sem = asyncio.Semaphore(concurrency)
     numeric = all(pd.api.types.is_numeric_dtype(df[f]) and not pd.api.types.is_bool_dtype(df[f]) for f in features)
@@ -107,7 +116,7 @@ async def replay_async(
     waiting: dict[int, str] = {}  # answered rows whose label is not sent yet (label_delay)
 
     async def label(client: httpx.AsyncClient, i: int, rid: str) -> None:
-        fr = await client.post(f"{base}/feedback", json={"request_id": rid, "label": _plain(ys[i])})
+        fr = await client.post(f"{base}/feedback", json={"request_id": rid, "label": _plain(ys[i], regression)})
         if fr.status_code == 200:
             rep.labelled += 1
 
@@ -135,7 +144,10 @@ async def replay_async(
                 if keep_responses:
                     rep.responses.append({"i": i, "t": time.monotonic() - t0, "version": v, "prediction": pred})
                 if ys is not None:
-                    rep.correct += int(pred == _plain(ys[i]))
+                    if regression:
+                        rep.abs_error += abs(float(pred) - float(ys[i]))
+                    else:
+                        rep.correct += int(pred == _plain(ys[i]))
                     if labels:
                         rid = data["request_id"] if batch == 1 else data["predictions"][j]["id"]
                         waiting[i] = rid

@@ -174,7 +174,7 @@ def train_and_gate(spec: Spec, settings: Settings, dv, hp: dict[str, Any], run_n
     from driftloop.features import encode_frame
     from driftloop.gate import register_and_gate
     from driftloop.sweep import data_sample
-    from driftloop.train import make_trainer
+    from driftloop.train import METRICS, make_trainer
 
     c = registry.client(settings)
     run = c.create_run(registry.experiment_id(settings, spec.name), run_name=run_name, tags=run_tags)
@@ -194,14 +194,15 @@ def train_and_gate(spec: Spec, settings: Settings, dv, hp: dict[str, Any], run_n
             raise RuntimeError(f"training produced no checkpoint: {result.error}")
         for epoch_metrics in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []):
             step = int(epoch_metrics.get("epoch", 0))
-            for k in ("train_loss", "val_accuracy", "test_accuracy"):
+            for k in METRICS:
                 if k in epoch_metrics:
                     c.log_metric(rid, k, float(epoch_metrics[k]), step=step)
         t2 = time.time()
         x_eval = y_eval = label = None
         if len(eval_rows):
             x_eval = encode_frame(eval_rows, spec.dataset)
-            y_eval = eval_rows[spec.dataset.label].to_numpy(object if spec.dataset.string_labels else np.int64)
+            ds = spec.dataset
+            y_eval = eval_rows[ds.label].to_numpy(object if ds.string_labels else np.float64 if ds.regression else np.int64)
             label = f"{len(eval_rows)} recent labelled production rows (held out)"
         with result.checkpoint.as_directory() as ckpt:
             out = register_and_gate(spec, settings, dv, Path(ckpt), rid, version_tags, x_eval, y_eval, label, reference, tail)

@@ -113,5 +113,6 @@ def render(st: dict[str, Any]) -> str:
             out += ["", f"live: {lv['error']}"]
         else:
             out += ["", f"live: serving v{lv.get('model_version')}, {lv.get('samples')} rows seen, window fill "
-                    f"{lv.get('window', {}).get('fill')}/{lv.get('window', {}).get('size')}, rolling accuracy {lv.get('rolling_accuracy')}"]
+                    f"{lv.get('window', {}).get('fill')}/{lv.get('window', {}).get('size')}, "
+                    + (f"rolling error {lv['rolling_error']}" if "rolling_error" in lv else f"rolling accuracy {lv.get('rolling_accuracy')}")]
     return "\n".join(out)

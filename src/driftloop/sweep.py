@@ -75,6 +75,7 @@ def _mlflow_callback(settings: Settings, parent_run_id: str, experiment_id: str,
     from ray.tune import Callback
 
     from driftloop import registry
+    from driftloop.train import METRICS
 
     class MlflowTrials(Callback):
         def __init__(self):
@@ -101,7 +102,7 @@ def _mlflow_callback(settings: Settings, parent_run_id: str, experiment_id: str,
             ts = int(time.time() * 1000)
             from mlflow.entities import Metric
 
-            metrics = [Metric(k, float(result[k]), ts, step) for k in ("train_loss", "val_accuracy", "test_accuracy") if k in result]
+            metrics = [Metric(k, float(result[k]), ts, step) for k in METRICS if k in result]
             self.c.log_batch(rid, metrics=metrics)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -141,6 +142,7 @@ def run_sweep(spec: Spec, settings: Settings, data_version: int | None = None, v
     from driftloop import registry
     from driftloop.gate import register_and_gate
     from driftloop.cluster import ensure_ray
+    from driftloop.train import METRICS
 
     t0 = time.monotonic()
     dv = preflight(spec, settings, data_version)
@@ -166,10 +168,11 @@ def run_sweep(spec: Spec, settings: Settings, data_version: int | None = None, v
     storage = str(settings.home / "ray_results")
     job = {"spec": spec.model_dump(mode="json"), "data": dv.as_dict(), "sweep": sweep_name, "storage": storage}
     sw = spec.sweep
+    metric, mode = spec.tune_metric
     if sw.search == "optuna" and spec.sweep.search_space:
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = ConcurrencyLimiter(OptunaSearch(metric=sw.metric, mode=sw.mode, seed=spec.training.seed),
+        searcher = ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=spec.training.seed),
                                       max_concurrent=sw.concurrency)
     else:
         searcher = None
@@ -179,18 +182,18 @@ def run_sweep(spec: Spec, settings: Settings, data_version: int | None = None, v
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial, job=job), {"CPU": 0.01}),
         param_space=search_space(spec),
-        tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, num_samples=trials, search_alg=searcher,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=trials, search_alg=searcher,
                                     scheduler=scheduler, max_concurrent_trials=sw.concurrency),
         run_config=tune.RunConfig(name=sweep_name, storage_path=storage, verbose=verbose,
                                   callbacks=[_mlflow_callback(settings, pid, exp_id, spec, dv, sample)]),
     )
     try:
         results = tuner.fit()
-        finished = [r for r in results if r.metrics and "checkpoint_path" in r.metrics and sw.metric in r.metrics]
+        finished = [r for r in results if r.metrics and "checkpoint_path" in r.metrics and metric in r.metrics]
         if not finished:
             errors = [str(r.error).splitlines()[0] for r in results if r.error]
             raise RuntimeError(f"no trial finished with a checkpoint; errors: {errors[:3]}")
-        best = (max if sw.mode == "max" else min)(finished, key=lambda r: r.metrics[sw.metric])
+        best = (max if mode == "max" else min)(finished, key=lambda r: r.metrics[metric])
         outcome = register_and_gate(spec, settings, dv, Path(best.metrics["checkpoint_path"]), pid, extra_tags)
     except BaseException:
         c.set_terminated(pid, "FAILED")
@@ -199,6 +202,6 @@ def run_sweep(spec: Spec, settings: Settings, data_version: int | None = None, v
     for k, v in best_cfg.items():
         c.log_param(pid, f"best.{k}", v)
     c.set_terminated(pid, "FINISHED")
-    return SweepOutcome(pid, best_cfg, {k: best.metrics[k] for k in ("val_accuracy", "test_accuracy", "epoch") if k in best.metrics},
+    return SweepOutcome(pid, best_cfg, {k: best.metrics[k] for k in (*METRICS[1:], "epoch") if k in best.metrics},
                         len(results), outcome["version"], outcome["promoted"], outcome["reason"], dv,
                         time.monotonic() - t0)

@@ -15,6 +15,8 @@ from driftloop.config import Spec
 from driftloop.data.tables import DataVersion
 
 HYPERPARAMS = ("lr", "hidden", "dropout", "batch_size", "weight_decay", "epochs")
+# what a trial reports per epoch (a classifier's accuracy, a regressor's errors), mirrored into MLflow
+METRICS = ("train_loss", "val_accuracy", "test_accuracy", "val_rmse", "test_rmse", "val_mae", "test_mae")
 
 
 @dataclass
@@ -35,7 +37,7 @@ def split_frame(df, spec: Spec) -> Splits:
     from driftloop.features import encode_frame
 
     x = encode_frame(df, ds)
-    y = df[ds.label].to_numpy(dtype=object if ds.string_labels else np.int64)
+    y = df[ds.label].to_numpy(dtype=object if ds.string_labels else np.float64 if ds.regression else np.int64)
     order = np.random.default_rng(ds.seed).permutation(len(df))
     n_train = int(round(ds.split[0] * len(df)))
     n_val = int(round(ds.split[1] * len(df)))
@@ -94,7 +96,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train.torch import prepare_data_loader, prepare_model
     from torch.utils.data import DataLoader, TensorDataset
 
-    from driftloop.model import Probabilities, accuracy, build_model, predict_proba
+    from driftloop.model import Outputs, predict_outputs, scores, spec_model
 
     torch.set_num_threads(1)
     spec = Spec.model_validate(config["spec"])
@@ -105,8 +107,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     splits = load_splits(spec, dv, config.get("tail_rows"))
     torch.manual_seed(spec.training.seed)
 
-    model = build_model(spec.n_features, spec.n_classes, hp["hidden"], hp["dropout"], spec.dataset.cardinalities)
+    model = spec_model(spec, hp["hidden"], hp["dropout"])
     model.set_standardisation(splits.x_train)
+    if spec.regression:
+        model.set_target_standardisation(splits.y_train)
     start_epoch = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("init_checkpoint"):
@@ -122,7 +126,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 start_epoch = int(state["epoch"]) + 1
 
     ddp_model = prepare_model(model)
-    y_train = class_index(splits.y_train, spec.dataset.classes)
+    if spec.regression:  # the standardised label: mean squared error weighs every scale alike
+        mean, std = (float(v) for v in model.target)
+        y_train = ((splits.y_train - mean) / std).astype(np.float32)
+    else:
+        y_train = class_index(splits.y_train, spec.dataset.classes)
     loader = DataLoader(
         TensorDataset(torch.from_numpy(splits.x_train), torch.from_numpy(y_train)),
         batch_size=hp["batch_size"], shuffle=True, generator=torch.Generator().manual_seed(spec.training.seed),
@@ -137,17 +145,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         total, n = 0.0, 0
         for xb, yb in loader:
             opt.zero_grad()
-            loss = F.cross_entropy(ddp_model(xb), yb)
+            out = ddp_model(xb)
+            loss = F.mse_loss(out[:, 0], yb) if spec.regression else F.cross_entropy(out, yb)
             loss.backward()
             opt.step()
             total += float(loss) * len(yb)
             n += len(yb)
         plain = model  # prepare_model wraps in DDP; `model` still holds the shared parameters
-        proba_model = Probabilities(plain).eval()
-        val_acc = accuracy(predict_proba(proba_model, splits.x_val), splits.y_val, spec.dataset.classes)
-        test_acc = accuracy(predict_proba(proba_model, splits.x_test), splits.y_test, spec.dataset.classes)
-        metrics = {"epoch": epoch, "train_loss": total / max(n, 1), "val_accuracy": val_acc, "test_accuracy": test_acc,
-                   "resumed_from_epoch": start_epoch}
+        proba_model = Outputs(plain).eval()
+        metrics = {"epoch": epoch, "train_loss": total / max(n, 1), "resumed_from_epoch": start_epoch}
+        for split, x, y in (("val", splits.x_val, splits.y_val), ("test", splits.x_test, splits.y_test)):
+            metrics.update({f"{split}_{k}": v for k, v in scores(predict_outputs(proba_model, x), y, spec).items()})
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             last = epoch == hp["epochs"] - 1
@@ -199,10 +207,10 @@ def load_checkpoint_model(spec: Spec, checkpoint_dir: str | Path):
     """Rebuild the trained classifier (eval mode) from a Train checkpoint directory (weights only, no pickle)."""
     import torch
 
-    from driftloop.model import build_model
+    from driftloop.model import spec_model
 
     state = torch.load(Path(checkpoint_dir) / "model.pt", weights_only=True)
     hp = state["hp"]
-    model = build_model(spec.n_features, spec.n_classes, hp["hidden"], hp["dropout"], spec.dataset.cardinalities)
+    model = spec_model(spec, hp["hidden"], hp["dropout"])
     model.load_state_dict(with_fill(state["model"], spec.n_features))
     return model.eval(), hp, int(state["epoch"])

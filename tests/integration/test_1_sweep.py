@@ -50,7 +50,7 @@ def test_registered_model_and_detectors_load_back_identically(trained, settings)
 
     from driftloop import registry
     from driftloop.drift.detectors import load_detectors
-    from driftloop.model import accuracy, predict_proba
+    from driftloop.model import predict_outputs, scores
     from driftloop.train import load_splits
 
     spec, o = trained
@@ -58,16 +58,16 @@ def test_registered_model_and_detectors_load_back_identically(trained, settings)
     by_alias = mlflow.pytorch.load_model("models:/digits@champion")
     by_version = registry.load_model(registry.download(settings, "digits", o.version))
     splits = load_splits(spec, o.data)
-    p1, p2 = predict_proba(by_alias, splits.x_test), predict_proba(by_version, splits.x_test)
+    p1, p2 = predict_outputs(by_alias, splits.x_test), predict_outputs(by_version, splits.x_test)
     np.testing.assert_array_equal(p1, p2)
     # the same predictions as at the end of training: the recorded test accuracy is reproduced exactly
     tags = registry.version_tags(settings, "digits", o.version)
-    assert f"{accuracy(p1, splits.y_test, spec.dataset.classes):.6f}" == tags["metric.test_accuracy"]
+    assert f"{scores(p1, splits.y_test, spec)['accuracy']:.6f}" == tags["metric.test_accuracy"]
     path = registry.download(settings, "digits", o.version)
     dets_a, _ = load_detectors(path / "detectors", spec.n_classes)
     dets_b, _ = load_detectors(path / "detectors", spec.n_classes)
     window = splits.x_val[:200]
-    proba = predict_proba(by_alias, window)
+    proba = predict_outputs(by_alias, window)
     for a, b in zip(dets_a, dets_b):
         ra, rb = a.predict(window, proba), b.predict(window, proba)
         assert ra.as_dict() == rb.as_dict()

@@ -47,7 +47,7 @@ def send(app, df, concurrency=16, rps=0.0, labels=False, batch=1):
 
 def test_served_predictions_equal_registry_predictions(app, settings, trained):
     from driftloop import registry
-    from driftloop.model import predict_proba
+    from driftloop.model import predict_outputs
 
     pool = examples.builtin("digits").pool.iloc[:64]
     r = httpx.post(f"{app}/predict", json={"rows": rows_of(pool)}, timeout=30)
@@ -55,7 +55,7 @@ def test_served_predictions_equal_registry_predictions(app, settings, trained):
     body = r.json()
     champion = registry.champion_version(settings, "digits")
     assert body["model_version"] == champion and len(body["predictions"]) == 64
-    offline = predict_proba(registry.load_model(registry.download(settings, "digits", champion)), pool[F].to_numpy())
+    offline = predict_outputs(registry.load_model(registry.download(settings, "digits", champion)), pool[F].to_numpy())
     served = np.array([p["probabilities"] for p in body["predictions"]])
     np.testing.assert_allclose(served, offline, atol=1e-5)
     assert [p["prediction"] for p in body["predictions"]] == offline.argmax(axis=1).tolist()

@@ -33,6 +33,10 @@ def test_shipped_specs_load():
         (("dataset", "label"), "pixel_3", "label 'pixel_3' is also listed as a feature"),
         (("dataset", "classes"), ["a", "b", "a"], "duplicate classes: ['a']"),
         (("dataset", "classes"), [0, "b"], "dataset.classes"),
+        (("dataset", "classes"), None, "dataset.classes: a classifier needs its classes (or set task: regression)"),
+        (("retraining", "policy", "max_error"), 3.0, "max_error: applies to regression; use accuracy_floor"),
+        (("retraining", "gate", "metric"), "rmse", "retraining.gate.metric: rmse applies to regression"),
+        (("task",), "ranking", "task: Input should be 'classification' or 'regression'"),
     ],
 )
 def test_bad_field_is_named(digits_dict, path, value, expected):
@@ -58,3 +62,29 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(SpecError, match="expected a mapping"):
         load_spec(bad)
+
+
+def test_a_regression_spec_has_no_classes_and_is_scored_on_errors(digits_dict):
+    d = copy.deepcopy(digits_dict)
+    d["task"] = "regression"
+    with pytest.raises(SpecError, match="a regression label has no classes; remove them"):
+        parse_spec(d, "r.yaml")
+    d["dataset"].pop("classes")
+    d["retraining"].pop("gate", None)
+    for key in ("metric", "mode"):
+        d["sweep"].pop(key, None)
+    spec = parse_spec(d, "r.yaml")
+    assert spec.n_classes == 1 and spec.output_names == ["prediction"] and spec.dataset.label_value(3) == 3.0
+    assert spec.tune_metric == ("val_rmse", "min") and spec.gate_metric == "rmse"
+    for path, value, message in [(("retraining", "policy", "accuracy_floor"), 0.8, "use max_error"),
+                                 (("retraining", "gate", "metric"), "accuracy", "gated on rmse or mae"),
+                                 (("sweep", "metric"), "val_accuracy", "report val_rmse and val_mae")]:
+        bad = copy.deepcopy(d)
+        node = bad
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+        with pytest.raises(SpecError, match=message):
+            parse_spec(bad, "r.yaml")
+    d["sweep"]["metric"] = "val_mae"
+    assert parse_spec(d, "r.yaml").tune_metric == ("val_mae", "min")

@@ -11,7 +11,7 @@ import torch
 from driftloop.config import SpecError, parse_spec
 from driftloop.data.validation import coerce, validate_frame
 from driftloop.features import UNSEEN, decode_matrix, encode_frame
-from driftloop.model import Probabilities, build_model, predict_proba
+from driftloop.model import Outputs, build_model, predict_outputs
 from driftloop.serving.validation import InvalidInput, parse_rows, request_schema
 
 CITIES = [f"city-{i}" for i in range(20)]  # more than 16 values: embedded, not one-hot
@@ -90,15 +90,15 @@ def test_the_model_learns_from_categories_with_gaps_and_carries_its_fill_values_
         loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
         loss.backward()
         opt.step()
-    proba = Probabilities(model).eval()
-    acc = float((predict_proba(proba, x).argmax(1) == y).mean())
+    proba = Outputs(model).eval()
+    acc = float((predict_outputs(proba, x).argmax(1) == y).mean())
     assert acc > 0.9, acc  # "red" is learnt through the one-hot colour column
     # the registered form: a torch.export program, any batch size, NaN and an unseen colour in
     program = torch.export.export(proba, (torch.from_numpy(x[:2]),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     odd = np.array([[np.nan, -1.0, 5.0], [0.5, np.nan, 19.0], [2.0, 0.0, 1.0]], dtype=np.float32)
     out = program.module()(torch.from_numpy(odd)).detach().numpy()
     assert out.shape == (3, 2) and np.isfinite(out).all()
-    np.testing.assert_allclose(out, predict_proba(proba, odd), rtol=1e-5)
+    np.testing.assert_allclose(out, predict_outputs(proba, odd), rtol=1e-5)
 
 
 def test_detectors_test_categories_with_chi_square_and_watch_the_missing_rate(tmp_path):

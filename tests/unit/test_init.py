@@ -86,17 +86,38 @@ def test_string_labels_become_class_names_quoted_where_yaml_would_misread_them(t
     assert "# rows per class in the file: barolo: 71, grignolino: 48, no: 59" in (tmp_path / "configs/wine.yaml").read_text()
 
 
+def test_a_numeric_target_becomes_a_regression_spec_with_its_range_and_error_gate(tmp_path):
+    _sklearn("diabetes").to_csv(tmp_path / "diabetes.csv", index=False)
+    r = init(tmp_path, "diabetes.csv", "--label", "target")
+    assert r.returncode == 0, r.stderr
+    assert "wrote configs/diabetes.yaml (10 features, regression of target, window 50)" in r.stdout
+    spec = load_spec(tmp_path / "configs/diabetes.yaml")
+    assert spec.task == "regression" and spec.dataset.classes is None and spec.gate_metric == "rmse"
+    assert spec.tune_metric == ("val_rmse", "min") and spec.output_names == ["prediction"] and spec.n_classes == 1
+    text = (tmp_path / "configs/diabetes.yaml").read_text()
+    assert "# the label has 214 distinct integer values (more than 50): a quantity" in text
+    assert "min 25, median 140.5, max 346" in text and "predictions (y-hat)" in text
+    # an integer label with few values stays a classifier; --task regression makes it a quantity
+    df = _sklearn("wine")
+    df.to_csv(tmp_path / "wine.csv", index=False)
+    r = init(tmp_path, "wine.csv", "--label", "target", "--task", "regression", "--name", "wine_r")
+    assert r.returncode == 0 and load_spec(tmp_path / "configs/wine_r.yaml").regression, r.stderr
+
+
 @pytest.mark.parametrize("setup, args, message", [
     (lambda p: (p / "x.csv").write_text("a,b\n1,2\n"), ["x.csv", "--label", "nope"], "--label 'nope' is not a column of x.csv"),
     (lambda p: (p / "x.csv").write_text("a,b\n1,2\n3,2\n"), ["x.csv", "--label", "b"], "label 'b' is constant"),
     (lambda p: (p / "x.csv").write_text("a,b\nu,0\nv,1\n"), ["x.csv", "--label", "b"], "no usable feature column"),
     (lambda p: (p / "x.parquet").write_bytes(b"not parquet at all"), ["x.parquet", "--label", "b"], "x.parquet: cannot read"),
     (lambda p: None, ["missing.csv", "--label", "b"], "missing.csv: no such file"),
-    (lambda p: (p / "x.csv").write_text("a,b\n1,0.5\n2,1.5\n"), ["x.csv", "--label", "b"], "label 'b' is not a class"),
-    (lambda p: _sklearn("diabetes").to_csv(p / "diabetes.csv", index=False), ["diabetes.csv", "--label", "target"],
-     "looks like a quantity (regression, not supported yet)"),
+    (lambda p: (p / "x.csv").write_text("a,b\n1,0.5\n2,1.5\n"), ["x.csv", "--label", "b", "--task", "classification"],
+     "label 'b' is not a class"),
     (lambda p: _sklearn("diabetes").to_csv(p / "diabetes.csv", index=False),
-     ["diabetes.csv", "--label", "target", "--task", "regression"], "--task regression: not supported yet"),
+     ["diabetes.csv", "--label", "target", "--task", "classification"], "more than 50 classes; a quantity is regression"),
+    (lambda p: (p / "x.csv").write_text("a,b\n1,x\n2,y\n"), ["x.csv", "--label", "b", "--task", "regression"],
+     "--task regression: label 'b' is not a number"),
+    (lambda p: (p / "x.csv").write_text("a,b\n1,2\n2,3\n"), ["x.csv", "--label", "b", "--task", "ranking"],
+     "--task 'ranking': use classification or regression"),
 ])
 def test_a_file_init_cannot_use_gets_one_line_exit_2_and_no_files(tmp_path, setup, args, message):
     setup(tmp_path)

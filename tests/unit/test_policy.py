@@ -75,6 +75,11 @@ def test_promotion_gate():
     tie = decide(0.9, 0.9, 0.0, tie_promotes=True)             # a challenger with the current regime's reference
     assert tie.promote and "ties" in tie.reason
     assert not decide(0.89, 0.9, 0.0, tie_promotes=True).promote
+    # regression is gated on an error: lower wins, and the margin is in the label's units
+    assert decide(40.0, 45.0, 2.0, metric="rmse").promote
+    worse = decide(46.0, 45.0, 0.0, metric="rmse")
+    assert not worse.promote and "lower is better" in worse.reason and "-1.0000" in worse.reason
+    assert not decide(44.0, 45.0, 2.0, metric="mae").promote
 
 
 def test_a_trigger_released_by_labels_keeps_the_drift_event_that_caused_it():

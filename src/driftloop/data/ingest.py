@@ -38,11 +38,12 @@ def ingest_frame(df: pd.DataFrame, uri: str, ds: DatasetSpec, source: str, extra
     """Validate then append; a failing batch raises ValidationFailed and appends nothing."""
     extra_cols = [ds.time_column] if ds.time_column else []
     report = validate_frame(df, ds.features, ds.label, ds.classes, ds.min_rows, ds.max_rows, extra_cols,
-                            categorical=ds.categorical, impute=set(ds.imputed))
+                            categorical=ds.categorical, impute=set(ds.imputed), regression=ds.regression)
     if not report.ok:
         raise ValidationFailed(report)
     keep = extra_cols + ds.features + [ds.label]
-    batch = coerce(df[keep], ds.features, ds.label, ds.feature_dtype, ds.string_labels, ds.categorical, set(ds.imputed))
+    batch = coerce(df[keep], ds.features, ds.label, ds.feature_dtype, ds.string_labels, ds.categorical, set(ds.imputed),
+                   ds.regression)
     meta = {"batch_id": uuid.uuid4().hex, "source": source, "rows_appended": str(len(batch)), **(extra or {})}
     return tables.append(uri, batch, meta)
 

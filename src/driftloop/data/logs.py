@@ -37,16 +37,16 @@ def inference_frame(spec: Spec, ids: list[str], ts: list[float], version: int, x
 
     df = decode_matrix(x, spec.dataset)
     pred = np.asarray(pred)
-    df.insert(0, "prediction", pred.astype(str) if pred.dtype.kind in "USO" else pred.astype(np.int64))
+    df.insert(0, "prediction", pred.astype(str) if pred.dtype.kind in "USO" else pred.astype(np.float64 if pred.dtype.kind == "f" else np.int64))
     df.insert(0, "model_version", np.full(len(ids), version, dtype=np.int64))
     df.insert(0, "ts", np.asarray(ts, dtype=np.float64))
     df.insert(0, "request_id", pd.Series(ids, dtype=object).astype(str))
     return _with_day(df)
 
 
-def feedback_frame(rows: list[tuple[str, int | str, float]]) -> pd.DataFrame:
+def feedback_frame(rows: list[tuple[str, int | str | float, float]]) -> pd.DataFrame:
     labels = [r[1] for r in rows]
-    labels = np.array(labels, dtype=object if isinstance(labels[0], str) else np.int64)
+    labels = np.array(labels, dtype=object if isinstance(labels[0], str) else np.float64 if isinstance(labels[0], float) else np.int64)
     return _with_day(pd.DataFrame({"request_id": [r[0] for r in rows], "label": labels,
                                    "ts": np.array([r[2] for r in rows], dtype=np.float64)}))
 

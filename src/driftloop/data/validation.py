@@ -49,10 +49,11 @@ def validate_frame(
     extra_columns: list[str] | None = None,
     categorical: dict[str, Any] | None = None,
     impute: set[str] | frozenset[str] = frozenset(),
+    regression: bool = False,
 ) -> Report:
     """Check schema, dtypes, label domain, finiteness and row-count bounds; collect every problem. A `categorical`
     feature (name -> CategoricalSpec) holds names, within its categories unless unseen ones are allowed; a feature
-    in `impute` may be missing (null)."""
+    in `impute` may be missing (null). A `regression` label is any finite number."""
     categorical = categorical or {}
     rep = Report(rows=len(df))
     expected = list(features) + ([label] if label else []) + list(extra_columns or [])
@@ -87,6 +88,11 @@ def validate_frame(
         s = df[label]
         if s.isna().any():
             rep.problems.append(f"label {label!r} has {int(s.isna().sum())} missing value(s)")
+        elif regression:
+            if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
+                rep.problems.append(f"label {label!r} is not a number (dtype {s.dtype}): a regression label is a number")
+            elif not np.isfinite(s.to_numpy(dtype=np.float64)).all():
+                rep.problems.append(f"label {label!r} has {int((~np.isfinite(s.to_numpy(dtype=np.float64))).sum())} inf value(s)")
         elif classes and isinstance(classes[0], str):  # string classes: the values as they are
             outside = sorted({str(v) for v in s.unique()} - set(classes))
             if outside:
@@ -103,9 +109,9 @@ def validate_frame(
 
 
 def coerce(df: pd.DataFrame, features: list[str], label: str | None, feature_dtype: str = "float",
-           string_labels: bool = False, categorical: Any = (), impute: Any = ()) -> pd.DataFrame:
+           string_labels: bool = False, categorical: Any = (), impute: Any = (), regression: bool = False) -> pd.DataFrame:
     """Cast a validated batch to the table's dtypes (numbers float64, or int64 where none may be missing;
-    categorical features strings, missing values null; the label int64 or string)."""
+    categorical features strings, missing values null; the label int64 or string, or float64 for regression)."""
     out = df.copy()
     for col in features:
         if col in categorical:
@@ -113,5 +119,5 @@ def coerce(df: pd.DataFrame, features: list[str], label: str | None, feature_dty
         else:
             out[col] = out[col].astype(np.int64 if feature_dtype == "int" and col not in impute else np.float64)
     if label and label in out.columns:
-        out[label] = out[label].astype(str) if string_labels else out[label].astype(np.int64)
+        out[label] = out[label].astype(str if string_labels else np.float64 if regression else np.int64)
     return out

@@ -1,5 +1,5 @@
-"""The monitor's decisions, with no I/O and no Ray: the champion's windowed detectors, rolling accuracy per
-model version, and the retraining policy, driven by an explicit clock (`now`).
+"""The monitor's decisions, with no I/O and no Ray: the champion's windowed detectors, rolling accuracy (or, for
+regression, rolling error) per model version, and the retraining policy, driven by an explicit clock (`now`).
 
 The live DriftMonitor (serving/app.py) and `driftloop backtest` both drive this one class, so a backtest
 decides exactly what the served app would have decided on the same rows, labels and times.
@@ -20,7 +20,7 @@ from driftloop.drift.detectors import DetectorResult
 from driftloop.drift.policy import Policy, Trigger
 from driftloop.drift.windows import WindowedDetectors, WindowReport
 
-MIN_ACCURACY_LABELS = 50  # rolling accuracy is not trusted on fewer labelled rows
+MIN_ACCURACY_LABELS = 50  # rolling accuracy (or error) is not trusted on fewer labelled rows
 
 
 @dataclass
@@ -40,7 +40,7 @@ class MonitorCore:
         self.policy = policy or Policy(spec.retraining)
         self.version: int | None = None
         self.detectors: WindowedDetectors | None = None
-        self.correct: dict[int, deque] = {}
+        self.correct: dict[int, deque] = {}  # per version: 1.0 / 0.0 per labelled row (right class), or its absolute error
         self.blocks: dict[int, list[float]] = {}  # accuracy of each full block (one window) of labels, per version
         self._block: dict[int, list[int]] = {}    # the block being filled: [labelled, correct]
 
@@ -76,11 +76,15 @@ class MonitorCore:
                 out.triggers.append(trig)
         return out
 
-    def label(self, version: int, correct: list[bool], now: float) -> Trigger | None:
-        """Labelled rows served by `version`: rolling accuracy for that version, label counts for the policy."""
+    def label(self, version: int, correct: list[float], now: float) -> Trigger | None:
+        """Labelled rows served by `version` (per row: right or not, or the absolute error): the rolling metric of that
+        version, label counts for the policy."""
         dq = self.correct.setdefault(version, deque(maxlen=self.spec.drift.window))
-        dq.extend(bool(c) for c in correct)
+        dq.extend(float(c) for c in correct)
         acc = float(np.mean(dq)) if version == self.version and len(dq) >= min(MIN_ACCURACY_LABELS, dq.maxlen) else None
+        if self.spec.regression:
+            trig = self.policy.on_labels(len(correct), None, now, self.version, rolling_error=acc)
+            return trig
         trig = self.policy.on_labels(len(correct), acc, now, self.version)
         return trig or self._block_check(version, correct, now)
 
@@ -107,7 +111,11 @@ class MonitorCore:
         """A retraining ended without a swap (refused challenger): count afresh, keep the detectors."""
         self.policy.retrained(now)
 
-    def rolling_accuracy(self) -> dict[str, dict]:
+    def rolling(self) -> dict[str, dict]:
+        """Per version over its last window of labelled rows: accuracy, or (regression) mae and rmse."""
+        if self.spec.regression:
+            return {str(v): {"mae": float(np.mean(q)), "rmse": float(np.sqrt(np.mean(np.square(q)))), "labelled": len(q)}
+                    for v, q in self.correct.items() if len(q)}
         return {str(v): {"accuracy": float(np.mean(q)), "labelled": len(q)} for v, q in self.correct.items() if len(q)}
 
 

@@ -167,8 +167,9 @@ class LoadedDetector:
         p = np.atleast_1d(np.asarray(out.get("p_val"), dtype=np.float64))
         dist = np.atleast_1d(np.asarray(out.get("distance"), dtype=np.float64))
         thr = float(out["threshold"]) if out.get("threshold") is not None else None
-        drifted = ([self._names[i] for i in np.flatnonzero(p < thr)]
-                   if thr is not None and (p.size > 1 or self.input == "missing") else [])
+        # a p-value per input column names the columns that drifted (a regression's one output, `prediction`, too);
+        # a multivariate test's one p-value over several columns names none
+        drifted = [self._names[i] for i in np.flatnonzero(p < thr)] if thr is not None and p.size == len(self._names) else []
         return DetectorResult(self.name, self.kind, bool(out["is_drift"]), float(p.min()), float(dist.max()), thr, drifted)
 
     def update(self, features: np.ndarray, proba: np.ndarray) -> DetectorResult | None:
@@ -238,14 +239,15 @@ class LoadedDetector:
                 setattr(det, key, v)
 
 
-def load_detectors(path: str | Path, n_classes: int | None = None) -> tuple[list[LoadedDetector], dict[str, Any]]:
-    """Load the detectors saved next to a model version, with their manifest."""
+def load_detectors(path: str | Path, outputs: int | list[str] | None = None) -> tuple[list[LoadedDetector], dict[str, Any]]:
+    """Load the detectors saved next to a model version, with their manifest. `outputs` names the model's outputs
+    in drift results: a class count (p_0 …) or the names (Spec.output_names)."""
     from alibi_detect.saving import load_detector
 
     root = Path(path)
     manifest = json.loads((root / MANIFEST).read_text())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    proba_names = [f"p_{i}" for i in range(n_classes or 0)] or ["p"]
+    proba_names = (list(outputs) if isinstance(outputs, list) else [f"p_{i}" for i in range(outputs or 0)]) or ["p"]
     layout = Layout(**manifest["layout"]) if "layout" in manifest else None
     dets = [LoadedDetector(e, load_detector(root / e["name"]), manifest["features"], proba_names, layout)
             for e in manifest["detectors"]]

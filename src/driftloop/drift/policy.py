@@ -13,7 +13,7 @@ from driftloop.config import RetrainSpec
 @dataclass(frozen=True)
 class Trigger:
     """A decision to retrain, with the reason and the cause that lineage records: the drift event (window or
-    online alarm) that caused it, or "labels", "accuracy floor", "manual", "data version N"."""
+    online alarm) that caused it, or "labels", "accuracy floor", "max error", "manual", "data version N"."""
 
     reason: str
     at: float
@@ -67,10 +67,15 @@ class Policy:
         return self._fire(f"online detector {detector} raised an alarm", now, champion,
                           f"drift event {event_id}" if event_id else f"online alarm {detector}", event_id)
 
-    def on_labels(self, n: int, rolling_accuracy: float | None, now: float, champion: int | None) -> Trigger | None:
+    def on_labels(self, n: int, rolling_accuracy: float | None, now: float, champion: int | None,
+                  rolling_error: float | None = None) -> Trigger | None:
+        """Labelled rows came in; the champion's rolling accuracy (classification) or mean absolute error (regression)
+        over its last window of labels, None while too few."""
         self.state.labelled += n
         self.state.labels_since_trigger += n
         p = self.spec.policy
+        if p.max_error is not None and rolling_error is not None and rolling_error > p.max_error:
+            return self._fire(f"rolling error (MAE) {rolling_error:.4g} above max {p.max_error:g}", now, champion, "max error")
         if p.accuracy_floor is not None and rolling_accuracy is not None and rolling_accuracy < p.accuracy_floor:
             return self._fire(f"rolling accuracy {rolling_accuracy:.3f} below floor {p.accuracy_floor}", now, champion,
                               "accuracy floor")

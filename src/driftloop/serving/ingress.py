@@ -14,6 +14,7 @@ from ray import serve
 
 from driftloop.config import Spec
 from driftloop.features import input_digest
+from driftloop.model import predictions
 from driftloop.serving import ids as request_ids
 from driftloop.serving import ui
 from driftloop.serving.common import (ADMIN_TOKEN_ENV, FEEDBACK_BURST, FEEDBACK_RATE, FRESH_ID_S, HANDOFF_S,
@@ -50,7 +51,6 @@ class Predictor(PollLoops):
         self.monitoring = monitoring
         self.max_batch_rows = max_batch_rows
         self.features = self.spec.dataset.features
-        self.classes = np.asarray(self.spec.dataset.classes)
         self.watcher = ChampionWatcher(self.settings, self.spec.name)
         v = self.watcher.champion()
         if v is None:
@@ -150,8 +150,12 @@ class Predictor(PollLoops):
         rid = request_ids.issue(self.id_secret, version, len(x))
         ids = request_ids.row_ids(rid, len(x))
         self._hand_to_monitor(ids, x, proba, version)
-        preds = self.classes[proba.argmax(axis=1)]
-        rows = [{"id": i, "prediction": p.item(), "probabilities": [round(float(q), 6) for q in pr]} for i, p, pr in zip(ids, preds, proba)]
+        preds = predictions(proba, self.spec)
+        if self.spec.regression:  # the predicted value, in the label's units
+            rows = [{"id": i, "prediction": round(float(p), 6)} for i, p in zip(ids, preds)]
+        else:
+            rows = [{"id": i, "prediction": p.item(), "probabilities": [round(float(q), 6) for q in pr]}
+                    for i, p, pr in zip(ids, preds, proba)]
         return {"request_id": rid, "model": self.spec.name, "model_version": version, "predictions": rows}
 
     @fastapi_app.post("/feedback", summary="Record the ground-truth label of a served row, or a batch of labels")
@@ -168,7 +172,7 @@ class Predictor(PollLoops):
             return too_many()
         try:
             items = parse_feedback_any(parse_json(await _read_body(request, FEEDBACK_BODY_BYTES), FEEDBACK_BODY_BYTES),
-                                       self.spec.dataset.classes)
+                                       self.spec.dataset.classes)  # None: a number (regression)
         except InvalidInput as err:
             return _error(err.status, str(err))
         if len(items) >= LABELS_PER_TOKEN and not lim.allow(client, len(items) // LABELS_PER_TOKEN):

@@ -8,11 +8,11 @@ import time
 import uuid
 from typing import Any
 
-import numpy as np
 from ray import serve
 
 from driftloop.config import Spec
 from driftloop.drift.core import MonitorCore
+from driftloop.model import predictions
 from driftloop.serving.common import (HEALTH_CHECK_PERIOD_S, KNOWN_IDS, LOG_FLUSH_S, NEW_DATA_CHECK_S, POLL_S, ChampionWatcher,
                                       PollLoops, _app_name, log)
 from driftloop.serving.limits import BoundedMap
@@ -72,7 +72,9 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
         self.m_dropped = metrics.Counter("driftloop_monitor_dropped_rows_total", "Rows sampled out under overload", tag_keys=tags)
         self.m_log_dropped = metrics.Counter("driftloop_inference_log_dropped_rows_total",
                                              "Served rows dropped from the inference-log buffer while writes failed", tag_keys=tags)
-        self.m_acc = metrics.Gauge("driftloop_rolling_accuracy", "Accuracy over recent labelled rows", tag_keys=("model", "version"))
+        self.m_acc = (metrics.Gauge("driftloop_rolling_mae", "Mean absolute error over recent labelled rows", tag_keys=("model", "version"))
+                      if self.spec.regression else
+                      metrics.Gauge("driftloop_rolling_accuracy", "Accuracy over recent labelled rows", tag_keys=("model", "version")))
         for m in (self.m_drift, self.m_windows, self.m_samples, self.m_dropped, self.m_log_dropped):
             m.set_default_tags({"model": self.name})
         self.m_submit_failures = metrics.Counter("driftloop_retrain_submit_failures_total",
@@ -99,7 +101,7 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
             return None
         path = registry.download(self.settings, self.name, v, self.settings.home / "serving" / f"{self.name}-monitor-v{v}-{uuid.uuid4().hex[:6]}")
         try:
-            dets, manifest = load_detectors(path / "detectors", self.spec.n_classes)
+            dets, manifest = load_detectors(path / "detectors", self.spec.output_names)
         finally:
             shutil.rmtree(path, ignore_errors=True)  # loaded into memory; the download was only a cache
         data_version = int(registry.version_tags(self.settings, self.name, v).get("data.version") or -1)
@@ -206,7 +208,7 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
             self.m_dropped.inc(dropped)
             self.dropped_reported += dropped
         x, proba, version = batch["x"], batch["proba"], int(batch["version"])
-        preds = np.asarray(self.spec.dataset.classes)[proba.argmax(axis=1)]
+        preds = predictions(proba, self.spec)
         for rid, p in zip(batch["ids"], preds):
             self.known[rid] = (version, p.item())
         self.log_buffer.append((batch["ids"], batch["ts"], version, x, preds))
@@ -317,7 +319,7 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
         self._ensure_tasks()
         d = self.detectors
         recent = [r.as_dict() for r in d.history] if d else []
-        acc = self.core.rolling_accuracy()
+        rolling = self.core.rolling()
         job = self._tracker().status()  # as of the poll loop's last look; error/since/attempts when the path fails
         return {
             "model": self.name, "model_version": self.version, "samples": d.samples if d else 0,
@@ -325,7 +327,7 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
             "detectors": [{"name": x.name, "kind": x.kind, "input": x.input, "online": x.online, "t": x.time if x.online else None}
                           for x in (d.batch + d.online)] if d else [],
             "recent": recent[::-1], "restored_history": self.restored[::-1], "online": d.online_last if d else {},
-            "rolling_accuracy": acc, "feedback": self.feedback_count, "dropped_rows": self.dropped_reported,
+            ("rolling_error" if self.spec.regression else "rolling_accuracy"): rolling, "feedback": self.feedback_count, "dropped_rows": self.dropped_reported,
             "inference_log_dropped_rows": self.log_dropped,
             "policy": self.policy.snapshot(), "retraining": job, "maintenance": self.maintenance, "registry": self.watcher.error or {"ok": True},
             "state": {"path": str(self.state_path), "persisted_at": self.persisted_at, "restored": self.restored_state,

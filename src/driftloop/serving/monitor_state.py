@@ -32,7 +32,7 @@ class MonitorState:
     def _snapshot(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta: dict[str, Any] = {"saved_at": time.time(), "model": self.name, "policy": asdict(self.policy.state),
                                 "pending_submit": self.pending_submit, "first_started_at": self.first_started_at,
-                                "correct": {str(v): [bool(b) for b in q] for v, q in self.correct.items()}}
+                                "correct": {str(v): [float(b) for b in q] for v, q in self.correct.items()}}
         arrays: dict[str, np.ndarray] = {}
         if self.detectors is not None:
             meta["windows"], arrays = self.detectors.snapshot()

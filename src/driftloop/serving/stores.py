@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from driftloop.model import label_score
 from driftloop.serving import ids as request_ids
 from driftloop.serving.common import FRESH_ID_S, KNOWN_IDS, LABEL_COVER_MARGIN_S, LOG_BUFFER_ROWS, log
 from driftloop.serving.limits import BoundedMap, Coalescer, trim_oldest
@@ -106,7 +107,7 @@ class RowStores:
         await self._commit_label(request_id, label, now)
         self.labelled[request_id] = (label, rid.issued_at)
         self.feedback_count += 1
-        trig = self.core.label(version, [pred == label], now)
+        trig = self.core.label(version, [label_score(pred, label, self.spec.regression)], now)
         self.m_acc.set(float(np.mean(self.correct[version])), tags={"model": self.name, "version": str(version)})
         self._dirty = True
         if trig is not None:

@@ -129,8 +129,9 @@ def parse_rows(payload: Any, features: list[str], max_rows: int = MAX_BATCH_ROWS
     return out
 
 
-def parse_feedback(payload: Any, classes: list) -> tuple[str, int | str]:
-    """`{"request_id": str, "label": int or str}` with the label in the model's class domain."""
+def parse_feedback(payload: Any, classes: list | None) -> tuple[str, int | str | float]:
+    """`{"request_id": str, "label": int or str}` with the label in the model's class domain; with no classes
+    (regression) the label is any finite number."""
     if not isinstance(payload, dict):
         raise InvalidInput('body must be a JSON object: {"request_id": "...", "label": 3}')
     extra = set(payload) - {"request_id", "label"}
@@ -142,6 +143,10 @@ def parse_feedback(payload: Any, classes: list) -> tuple[str, int | str]:
     if not REQUEST_ID.fullmatch(rid):
         raise InvalidInput("request_id: not an id issued by /predict (copy 'request_id' or a row's 'id' from its answer)")
     label = payload.get("label")
+    if classes is None:  # regression: the observed value
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not math.isfinite(label):
+            raise InvalidInput(f"label: {str(label)[:40]!r} is not a finite number (the model predicts a number)")
+        return rid, float(label)
     if classes and isinstance(classes[0], str):  # the model's classes are names: the label is one of them
         if not isinstance(label, str) or label not in classes:
             raise InvalidInput(f"label: {label!r} is not one of the model's classes {classes}")
@@ -156,7 +161,7 @@ def parse_feedback(payload: Any, classes: list) -> tuple[str, int | str]:
 MAX_LABELS_PER_REQUEST = 1000
 
 
-def parse_feedback_any(payload: Any, classes: list[int]) -> list[tuple[str, int]]:
+def parse_feedback_any(payload: Any, classes: list | None) -> list[tuple[str, int | str | float]]:
     """One label (`{"request_id", "label"}`) or a batch (`{"labels": [{"request_id", "label"}, ...]}`, at most
     MAX_LABELS_PER_REQUEST): the (id, label) pairs; a bad item is refused naming its index, and nothing is recorded."""
     if not (isinstance(payload, dict) and "labels" in payload):
