@@ -351,6 +351,8 @@ class Spec(_Strict):
         else:
             wrong = [(ds.classes is None, "dataset.classes: a classifier needs its classes (or set task: regression)"),
                      (p.max_error is not None, "retraining.policy.max_error: applies to regression; use accuracy_floor"),
+                     (self.sweep.metric is not None and self.sweep.metric.split("_")[-1] in ("rmse", "mae"),
+                      "sweep.metric: a classifier's trials report val_accuracy, not errors"),
                      (g.metric in ("rmse", "mae"), f"retraining.gate.metric: {g.metric} applies to regression"),
                      (g.metric in (None, "accuracy") and abs(g.min_improvement) > 1,
                       "retraining.gate.min_improvement: an accuracy margin lies in [-1, 1]")]

@@ -36,6 +36,7 @@ class Inferred:
     classes: list[int] | list[str] | None  # None: regression
     counts: dict  # rows per class; regression: the label's min, median, max
     task: str
+    task_reason: str
     time_column: str | None
     rows: int
     window: int
@@ -110,10 +111,9 @@ def infer(data: str, label: str, name: str | None = None, time_column: str | Non
     task, classes, why = _task_and_classes(y, label, task)
     if classes is None:
         v = y.to_numpy(dtype=np.float64)
-        label_counts = {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max()), "why": why}
+        label_counts = {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
     else:
         label_counts = {(k if isinstance(k, str) else int(k)): int(n) for k, n in y.value_counts().items()}
-        label_counts["why"] = why
     features, skipped, categorical, imputed = [], {}, {}, {}
     for col in df.columns:
         if col in (label, time_column):
@@ -147,7 +147,7 @@ def infer(data: str, label: str, name: str | None = None, time_column: str | Non
     width = int(min(128, max(16, 2 ** math.ceil(math.log2(max(len(features), 2) * 2)))))
     return Inferred(
         name=name or _name_of(path), source=str(path), label=label, features=features, skipped=skipped,
-        categorical=categorical, imputed=imputed, classes=classes, counts=label_counts, task=task,
+        categorical=categorical, imputed=imputed, classes=classes, counts=label_counts, task=task, task_reason=why,
         time_column=time_column, rows=n, window=window,
         reference_rows=int(min(1000, max(10, round(n * 0.3)))), hidden=[width, max(8, width // 2)],
         batch_size=int(min(128, max(16, 2 ** round(math.log2(max(n / 50, 1)))))))
@@ -168,7 +168,7 @@ def spec_text(inf: Inferred) -> str:
     skipped = "".join(f"\n#   {c}: {w}" for c, w in inf.skipped.items()) or " none"
     if inf.task == "regression":
         c = inf.counts
-        task_line = f"task: regression                # {c['why']}"
+        task_line = f"task: regression                # {inf.task_reason}"
         label_lines = (f"  # no classes: the label is a number (in the file: min {c['min']:g}, median {c['median']:g}, "
                        f"max {c['max']:g}); the model predicts it, trained on mean squared error\n")
         bbsd = "    - {kind: bbsd}                         # Kolmogorov-Smirnov on the model's predictions (y-hat)"
@@ -176,7 +176,7 @@ def spec_text(inf: Inferred) -> str:
                 "  # policy.max_error: N retrains when the rolling mean absolute error of labelled rows exceeds N\n")
     else:
         counts = ", ".join(f"{c}: {inf.counts[c]}" for c in inf.classes)  # rows per class
-        task_line = f"task: classification            # {inf.counts['why']}"
+        task_line = f"task: classification            # {inf.task_reason}"
         label_lines = f"  classes: {_flow(inf.classes)}   # rows per class in the file: {counts}\n"
         bbsd = "    - {kind: bbsd}                         # black-box shift detection on the model's outputs"
         gate = ""

@@ -122,7 +122,7 @@ def register_bundle(
     tags = {
         "data.uri": dv.uri, "data.version": str(dv.version), "data.digest": dv.digest, "data.rows": str(dv.rows),
         "run_id": run_id, "git_commit": git_commit() or "", "features": json.dumps(spec.dataset.features),
-        "classes": json.dumps(spec.dataset.classes), "inputs.digest": input_digest(spec.dataset),
+        "classes": json.dumps(spec.dataset.classes), "inputs.digest": input_digest(spec.dataset), "task": spec.task,
         **{f"metric.{k}": f"{v:.6f}" for k, v in metrics.items()}, **(extra_tags or {}),
     }
     try:

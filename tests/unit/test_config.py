@@ -36,6 +36,7 @@ def test_shipped_specs_load():
         (("dataset", "classes"), None, "dataset.classes: a classifier needs its classes (or set task: regression)"),
         (("retraining", "policy", "max_error"), 3.0, "max_error: applies to regression; use accuracy_floor"),
         (("retraining", "gate", "metric"), "rmse", "retraining.gate.metric: rmse applies to regression"),
+        (("sweep", "metric"), "val_rmse", "sweep.metric: a classifier's trials report val_accuracy, not errors"),
         (("task",), "ranking", "task: Input should be 'classification' or 'regression'"),
     ],
 )

@@ -164,3 +164,9 @@ def test_a_version_trained_on_other_category_lists_is_not_served_with_this_spec(
     reordered = input_digest(spec(["blue", "red"]).dataset)       # `init` re-run on newer data: same names, new codes
     with pytest.raises(LoopError, match=r"model 'm' v1 was trained on other inputs than the spec names"):
         check_inputs(s, "m", 1, reordered)
+    # `init --task regression --force` over a classifier's name: its first probability is no predicted value
+    c.set_model_version_tag("m", "1", "task", "classification")
+    check_inputs(s, "m", 1, trained, "classification")
+    check_inputs(s, "m", 2, "anything", "regression")      # registered before versions carried their task
+    with pytest.raises(LoopError, match=r"v1 is a classification model and the spec's task is regression"):
+        check_inputs(s, "m", 1, trained, "regression")

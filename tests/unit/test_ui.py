@@ -74,6 +74,7 @@ def test_drift_settings_name_detectors_as_their_manifest_does():
     d = ui.drift_settings(spec)
     assert d["p_val"] == spec.drift.p_val and d["window"] == spec.drift.window
     assert [x["name"] for x in d["detectors"]] == [f"{i}-{x.kind}" for i, x in enumerate(spec.drift.detectors)]
+    assert d["gate_metric"] == "accuracy" and d["lower_is_better"] is False
 
 
 # --- the registry read fails closed, and is cached -----------------------------------------------------

@@ -81,9 +81,10 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     return await read_limited(request.stream(), max_bytes)
 
 
-def check_inputs(settings, name: str, version: int, digest: str) -> None:
+def check_inputs(settings, name: str, version: int, digest: str, task: str | None = None) -> None:
     """Refuse to serve a version whose input layout (features, category lists) is not the spec's: its codes would
-    mean other categories. Versions registered before the digest existed carry none and pass."""
+    mean other categories; or, with `task`, a version of the other task (a classifier's first probability is no
+    predicted value). Versions registered before the digest (or the task tag) existed carry none and pass."""
     from driftloop import registry
     from driftloop.errors import LoopError
 
@@ -93,18 +94,22 @@ def check_inputs(settings, name: str, version: int, digest: str) -> None:
         raise LoopError(f"model {name!r} v{version} was trained on other inputs than the spec names (its features or "
                         f"category lists changed since, digest {theirs} vs {digest}): serve it with the spec it was "
                         "trained with, or retrain on this one")
+    if task and tags.get("task") and tags["task"] != task:
+        raise LoopError(f"model {name!r} v{version} is a {tags['task']} model and the spec's task is {task}: serve it with "
+                        "the spec it was trained with, or retrain on this one")
 
 
-def _load_champion(settings, name: str, version: int, inputs: str | None = None):
+def _load_champion(settings, name: str, version: int, inputs: str | None = None, task: str | None = None):
     """Download and load a model version, off the event loop; the downloaded copy is deleted once loaded
     (the node's disk is only a cache, and a copy per replica start and swap would pile up). With `inputs` (the
-    spec's input digest), a version trained on another input layout is refused before it is downloaded."""
+    spec's input digest) and `task`, a version trained on another input layout or for another task is refused before
+    it is downloaded."""
     import shutil
 
     from driftloop import registry
 
     if inputs is not None:
-        check_inputs(settings, name, version, inputs)
+        check_inputs(settings, name, version, inputs, task)
     path = registry.download(settings, name, version, settings.home / "serving" / f"{name}-v{version}-{uuid.uuid4().hex[:6]}")
     try:
         return registry.load_model(path)

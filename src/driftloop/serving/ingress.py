@@ -55,7 +55,7 @@ class Predictor(PollLoops):
         v = self.watcher.champion()
         if v is None:
             raise RuntimeError(f"model {self.spec.name!r} has no champion yet: run `driftloop sweep` first")
-        model = _load_champion(self.settings, self.spec.name, v, input_digest(self.spec.dataset))
+        model = _load_champion(self.settings, self.spec.name, v, input_digest(self.spec.dataset), self.spec.task)
         self.current = (model, v)
         self._init_ingress(feedback_rate, feedback_burst)
         self._tasks: list[asyncio.Task] = []
@@ -87,7 +87,7 @@ class Predictor(PollLoops):
                 v = await asyncio.to_thread(self.watcher.moved, self.current[1])
                 if v is not None:
                     model = await asyncio.to_thread(_load_champion, self.settings, self.spec.name, v,
-                                                    input_digest(self.spec.dataset))
+                                                    input_digest(self.spec.dataset), self.spec.task)
                     self.current = (model, v)  # one assignment: in-flight batches keep the model they started with
                     log.info("predictor for %s swapped to version %s", self.spec.name, v)
             except Exception:  # a registry error is kept by the watcher (/healthz shows it); keep serving
@@ -152,7 +152,7 @@ class Predictor(PollLoops):
         self._hand_to_monitor(ids, x, proba, version)
         preds = predictions(proba, self.spec)
         if self.spec.regression:  # the predicted value, in the label's units
-            rows = [{"id": i, "prediction": round(float(p), 6)} for i, p in zip(ids, preds)]
+            rows = [{"id": i, "prediction": float(p)} for i, p in zip(ids, preds)]
         else:
             rows = [{"id": i, "prediction": p.item(), "probabilities": [round(float(q), 6) for q in pr]}
                     for i, p, pr in zip(ids, preds, proba)]

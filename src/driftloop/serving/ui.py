@@ -56,9 +56,13 @@ def _data_ref(data: str) -> tuple[str, int | None]:
 
 
 def drift_settings(spec) -> dict[str, Any]:
-    """The spec's drift settings the page draws with (a detector's own threshold in /drift wins over p_val)."""
+    """The spec's drift settings the page draws with (a detector's own threshold in /drift wins over p_val), and
+    the gate's metric (the page scales and signs the gate scores by it: accuracy, or an error where lower wins)."""
+    from driftloop.model import LOWER_IS_BETTER
+
     d = spec.drift
-    return {"p_val": d.p_val, "window": d.window, "history": d.history,
+    return {"p_val": d.p_val, "window": d.window, "history": d.history, "gate_metric": spec.gate_metric,
+            "lower_is_better": spec.gate_metric in LOWER_IS_BETTER,
             "detectors": [{"name": f"{i}-{x.kind}", "kind": x.kind, "correction": x.correction} for i, x in enumerate(d.detectors)]}
 
 

@@ -143,10 +143,11 @@ def parse_feedback(payload: Any, classes: list | None) -> tuple[str, int | str |
     if not REQUEST_ID.fullmatch(rid):
         raise InvalidInput("request_id: not an id issued by /predict (copy 'request_id' or a row's 'id' from its answer)")
     label = payload.get("label")
-    if classes is None:  # regression: the observed value
-        if isinstance(label, bool) or not isinstance(label, (int, float)) or not math.isfinite(label):
-            raise InvalidInput(f"label: {str(label)[:40]!r} is not a finite number (the model predicts a number)")
-        return rid, float(label)
+    if classes is None:  # regression: the observed value, a number as a feature's (finite, within ±1e30)
+        try:
+            return rid, _number(label, "label")
+        except InvalidInput as err:
+            raise InvalidInput(f"{err} (the model predicts a number)") from None
     if classes and isinstance(classes[0], str):  # the model's classes are names: the label is one of them
         if not isinstance(label, str) or label not in classes:
             raise InvalidInput(f"label: {label!r} is not one of the model's classes {classes}")
