@@ -8,6 +8,7 @@ import re
 import pytest
 
 from tests.conftest import run_cli
+from tests.integration.test_7_byod import _kill_leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,10 @@ SUMMARY = re.compile(r"^[a-z_][a-z_ ()]*[a-z)] {2,}\S")       # name    value
 def test_demo_prints_only_its_own_lines_and_closes_the_loop(tmp_path):
     env = {"RAY_ADDRESS": "", "DRIFTLOOP_JOBS_ADDRESS": "", "MLFLOW_TRACKING_URI": "", "DRIFTLOOP_DATA_ROOT": "",
            "DRIFTLOOP_HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled"}  # as `make demo` runs it
-    r = run_cli("demo", "--quick", "--out", str(tmp_path / "out"), env=env, timeout=1200)
+    try:
+        r = run_cli("demo", "--quick", "--out", str(tmp_path / "out"), env=env, timeout=1200)
+    finally:  # a demo that fails mid-retrain leaves its job's processes (their own session) behind
+        _kill_leftovers(tmp_path / "home", below=True)
     print(r.stdout)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]

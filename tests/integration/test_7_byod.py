@@ -137,15 +137,17 @@ def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
         shutil.rmtree(raytmp, ignore_errors=True)
 
 
-def _kill_leftovers(home: Path) -> None:
+def _kill_leftovers(home: Path, below: bool = False) -> None:
     """A job's entrypoint runs in its own session and can outlive the head that started it: end every process of
-    this test (by its DRIFTLOOP_HOME), so none keeps a core busy for the tests after this one."""
+    this test (by its DRIFTLOOP_HOME, or with `below` any home under it), so none keeps a core busy for the tests
+    after this one."""
     import psutil
 
     time.sleep(1)
     for p in psutil.process_iter():
         try:
-            if p.environ().get("DRIFTLOOP_HOME") == str(home) and p.pid != os.getpid():
+            h = p.environ().get("DRIFTLOOP_HOME") or ""
+            if (h == str(home) or (below and h.startswith(f"{home}/"))) and p.pid != os.getpid():
                 p.kill()
         except (psutil.Error, OSError):
             continue
