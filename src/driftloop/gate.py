@@ -1,11 +1,13 @@
 """From a trained checkpoint to a gated model version: evaluate it, fit its drift detectors on reference rows it
-never trained on, register model + detectors as one version, and let the gate decide on the alias. The sweep, a
+never trained on, register model + detectors as one version, and let the gate decide on the alias (`decide`: the
+rule; registry.gate_and_promote: the scoring and the alias move). The sweep, a
 retraining job and the backtest all end here, so a model version means the same thing whichever made it."""
 
 from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,37 @@ import numpy as np
 from driftloop.config import Spec
 from driftloop.data.tables import DataVersion
 from driftloop.settings import Settings
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    challenger_score: float
+    champion_score: float | None
+
+
+def decide(challenger: float, champion: float | None, min_improvement: float, tie_promotes: bool = False,
+           metric: str = "accuracy") -> Decision:
+    """Promote the first version; otherwise only a challenger that beats the champion by the margin (higher accuracy,
+    or lower rmse / mae).
+
+    With a margin of 0 a tie is refused: replacing a model costs a swap and buys nothing. Unless the challenger
+    carries the drift reference of the regime now served (`tie_promotes`): then the swap buys detectors that stop
+    flagging traffic both models handle equally well.
+    """
+    from driftloop.model import LOWER_IS_BETTER
+
+    if champion is None:
+        return Decision(True, "first version", challenger, None)
+    if np.isnan(challenger):
+        return Decision(False, "challenger score is NaN", challenger, champion)
+    gain = champion - challenger if metric in LOWER_IS_BETTER else challenger - champion
+    ok = gain >= min_improvement if (min_improvement > 0 or tie_promotes) else gain > min_improvement
+    verdict = ("ties (and carries the current regime's drift reference)" if ok and gain == 0 else "beats") if ok else "does not beat"
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
+    return Decision(ok, f"{verdict} champion on {metric}: {challenger:.4f} vs {champion:.4f} ({better} is better; gain "
+                        f"{gain:+.4f}, needs {min_improvement:+.4f})", challenger, champion)
 
 
 def register_and_gate(spec: Spec, settings: Settings, dv: DataVersion, checkpoint_dir: Path, run_id: str,

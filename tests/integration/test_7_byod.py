@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import numpy as np
@@ -60,13 +61,9 @@ def _tables(folder: Path) -> None:
 MAKES = ["acme", "globex", "initech"]
 
 
-def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
-    if not _free(DASHBOARD_PORT) or not _free(8000):
-        pytest.skip(f"ports {DASHBOARD_PORT} and 8000 must be free (no other Ray head or Serve here)")
-    work = tmp_path / "project"
-    work.mkdir()
-    _tables(work)
-    raytmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+def user_folder(work: Path, raytmp: Path) -> tuple[dict[str, str], Callable[..., subprocess.CompletedProcess]]:
+    """The environment of a user's own folder (its own home, the embedded defaults, a private RAY_TMPDIR) and
+    `cli(*args)`, which runs `driftloop ARGS` there as its own process and prints what it said."""
     env = {**os.environ, "RAY_ADDRESS": "", "DRIFTLOOP_JOBS_ADDRESS": "", "MLFLOW_TRACKING_URI": "",
            "DRIFTLOOP_DATA_ROOT": "", "RAY_TMPDIR": str(raytmp), "DRIFTLOOP_HOME": str(work / ".driftloop"),
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
@@ -77,6 +74,25 @@ def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
         print(f"$ driftloop {' '.join(args)} -> {r.returncode}\n{r.stdout[-1500:]}{r.stderr[-1500:] if r.returncode else ''}")
         return r
 
+    return env, cli
+
+
+def start_user_head(env: dict[str, str], raytmp: Path, log: Path):
+    """`ray start` a local head for the user's folder and wait until its dashboard answers."""
+    head = start_head(env, log, cpus=3)
+    wait_for(lambda: (raytmp / "ray" / "ray_current_cluster").exists() and _ok(f"http://127.0.0.1:{DASHBOARD_PORT}/api/version"),
+             120, what="the local head")
+    return head
+
+
+def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
+    if not _free(DASHBOARD_PORT) or not _free(8000):
+        pytest.skip(f"ports {DASHBOARD_PORT} and 8000 must be free (no other Ray head or Serve here)")
+    work = tmp_path / "project"
+    work.mkdir()
+    _tables(work)
+    raytmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    env, cli = user_folder(work, raytmp)
     made = cli("init", "cancer.csv", "--label", "diagnosis")
     assert made.returncode == 0
     written = yaml.safe_load((work / "configs" / "cancer.yaml").read_text())["dataset"]
@@ -84,10 +100,8 @@ def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
         (pd.read_csv(work / "cancer.csv")["scanner"] == m).sum())) and len(written["categorical"]["clinic"]["categories"]) == 24
     assert written["missing"] == {"mean_smoothness": "impute", "scanner": "impute"}, written
     assert cli("data", "ingest", "cancer.csv", "--table", "cancer").returncode == 0
-    head = start_head(env, tmp_path / "head.log", cpus=3)
+    head = start_user_head(env, raytmp, tmp_path / "head.log")
     try:
-        wait_for(lambda: (raytmp / "ray" / "ray_current_cluster").exists() and _ok(f"http://127.0.0.1:{DASHBOARD_PORT}/api/version"),
-                 120, what="the local head")
         assert cli("sweep", "configs/cancer.yaml").returncode == 0
         assert cli("serve", "serve_configs/cancer.yaml").returncode == 0
         url = "http://127.0.0.1:8000/cancer"

@@ -13,9 +13,7 @@ ports 8265 and 8000 must be free."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,12 +21,11 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-import subprocess
 from deltalake import DeltaTable
 
 from tests.integration.conftest import wait_for
-from tests.integration.test_0_newcomer import DASHBOARD_PORT, _free, _ok, start_head, stop_head
-from tests.integration.test_7_byod import _kill_leftovers
+from tests.integration.test_0_newcomer import DASHBOARD_PORT, _free, stop_head
+from tests.integration.test_7_byod import _kill_leftovers, start_user_head, user_folder
 
 pytestmark = pytest.mark.slow
 
@@ -77,24 +74,14 @@ def _loop(tmp_path: Path, work: Path, name: str, label: str, rows: int, shifted:
     if not _free(DASHBOARD_PORT) or not _free(8000):
         pytest.skip(f"ports {DASHBOARD_PORT} and 8000 must be free (no other Ray head or Serve here)")
     raytmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-    env = {**os.environ, "RAY_ADDRESS": "", "DRIFTLOOP_JOBS_ADDRESS": "", "MLFLOW_TRACKING_URI": "",
-           "DRIFTLOOP_DATA_ROOT": "", "RAY_TMPDIR": str(raytmp), "DRIFTLOOP_HOME": str(work / ".driftloop"),
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    exe = str(Path(sys.executable).with_name("driftloop"))
-
-    def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        r = subprocess.run([exe, *args], cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
-        print(f"$ driftloop {' '.join(args)} -> {r.returncode}\n{r.stdout[-1500:]}{r.stderr[-1500:] if r.returncode else ''}")
-        return r
+    env, cli = user_folder(work, raytmp)
 
     made = cli("init", f"{name}.csv", "--label", label)
     regression = "regression of" in made.stdout
     assert made.returncode == 0 and regression == (name == "diabetes"), made.stdout + made.stderr
     assert cli("data", "ingest", f"{name}.csv", "--table", name).returncode == 0
-    head = start_head(env, tmp_path / "head.log", cpus=3)
+    head = start_user_head(env, raytmp, tmp_path / "head.log")
     try:
-        wait_for(lambda: (raytmp / "ray" / "ray_current_cluster").exists() and _ok(f"http://127.0.0.1:{DASHBOARD_PORT}/api/version"),
-                 120, what="the local head")
         assert cli("sweep", f"configs/{name}.yaml").returncode == 0
         listing = cli("models", name)
         score = "test_rmse" if regression else "test_acc"

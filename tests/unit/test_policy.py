@@ -1,6 +1,6 @@
 from driftloop.config import PolicySpec, RetrainSpec
 from driftloop.drift.policy import Policy, submission_id
-from driftloop.registry import decide
+from driftloop.gate import decide
 
 
 def spec(**kw):

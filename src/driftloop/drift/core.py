@@ -82,9 +82,8 @@ class MonitorCore:
         dq = self.correct.setdefault(version, deque(maxlen=self.spec.drift.window))
         dq.extend(float(c) for c in correct)
         acc = float(np.mean(dq)) if version == self.version and len(dq) >= min(MIN_ACCURACY_LABELS, dq.maxlen) else None
-        if self.spec.regression:
-            trig = self.policy.on_labels(len(correct), None, now, self.version, rolling_error=acc)
-            return trig
+        if self.spec.regression:  # the error's floor (max_error); accuracy drops are a classifier's
+            return self.policy.on_labels(len(correct), None, now, self.version, rolling_error=acc)
         trig = self.policy.on_labels(len(correct), acc, now, self.version)
         return trig or self._block_check(version, correct, now)
 
