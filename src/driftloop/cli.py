@@ -137,7 +137,9 @@ def serve_cmd(
     file: Path = typer.Argument(..., help="Serve config, e.g. serve_configs/digits.yaml"),
     wait_s: float = typer.Option(300, "--wait", help="seconds to wait for the applications to be RUNNING"),
 ) -> None:
-    """Deploy the champion of each model in FILE with its drift monitor (starts local Ray on 127.0.0.1 if needed)."""
+    """Deploy the champion of each model in FILE with its drift monitor (starts local Ray on 127.0.0.1 if needed).
+
+    Applications already running that FILE does not name keep running (a plain `serve deploy` deletes them)."""
     from driftloop.serving.deploy import deploy_file
 
     for name, url in deploy_file(file, wait_s).items():

@@ -38,8 +38,34 @@ def configure(settings: Settings) -> None:
     import mlflow
 
     settings.ensure()
+    _create_sqlite_store_once(settings)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
+
+
+def _create_sqlite_store_once(settings: Settings) -> None:
+    """MLflow creates and migrates a new sqlite store on first use, and two commands doing that at once (two sweeps
+    started together on a fresh folder) break it ("table _alembic_tmp_model_versions already exists"): the first
+    use of a sqlite store runs under a file lock, and later ones skip it."""
+    uri = settings.tracking_uri
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):])
+    ready = db.with_name(db.name + ".ready")
+    if ready.exists() and db.exists():
+        return
+    import fcntl
+
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not (ready.exists() and db.exists()):
+            SqlAlchemyStore(uri, str(settings.artifacts_dir))
+            RegistryStore(uri)
+            ready.touch()
 
 
 def client(settings: Settings):

@@ -70,8 +70,9 @@ def user_folder(work: Path, raytmp: Path) -> tuple[dict[str, str], Callable[...,
     exe = str(Path(sys.executable).with_name("driftloop"))
 
     def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        t0 = time.monotonic()
         r = subprocess.run([exe, *args], cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
-        print(f"$ driftloop {' '.join(args)} -> {r.returncode}\n{r.stdout[-1500:]}{r.stderr[-1500:] if r.returncode else ''}")
+        print(f"$ driftloop {' '.join(args)} -> {r.returncode} in {time.monotonic() - t0:.1f} s\n{r.stdout[-1500:]}{r.stderr[-1500:] if r.returncode else ''}")
         return r
 
     return env, cli

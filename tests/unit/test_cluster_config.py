@@ -48,3 +48,26 @@ def test_every_shipped_serve_config_passes_serves_schema():
             auto = auto if isinstance(auto, dict) else auto.model_dump()
             assert auto["min_replicas"] == 2 and auto["max_replicas"] >= 4 and auto["target_ongoing_requests"] > 0, f.name
             assert deps["DriftMonitor"].num_replicas == 1, f.name
+
+
+def test_serving_a_second_model_keeps_the_running_ones_and_refuses_a_taken_route():
+    """Serve's deploy deletes every application its config leaves out: `driftloop serve wine.yaml` on a head that
+    serves digits must deploy digits' last config beside wine, replace an application of the same name, and refuse
+    (before anything is deployed) a route that a running application already serves."""
+    import pytest
+
+    from driftloop.errors import LoopError
+    from driftloop.serving.deploy import keep_running
+
+    digits = {"name": "digits", "route_prefix": "/digits", "import_path": "driftloop.serving.app:build"}
+    running = {"applications": {
+        "digits": {"status": "RUNNING", "deployed_app_config": digits},
+        "wine": {"status": "RUNNING", "deployed_app_config": {"name": "wine", "route_prefix": "/wine-old"}},
+        "gone": {"status": "DELETING", "deployed_app_config": {"name": "gone", "route_prefix": "/gone"}}}}
+    cfg = {"applications": [{"name": "wine", "route_prefix": "/wine"}]}
+    assert keep_running(running, cfg) == ["digits"]
+    assert cfg["applications"] == [{"name": "wine", "route_prefix": "/wine"}, digits]
+    taken = {"applications": [{"name": "cancer", "route_prefix": "/digits"}]}
+    with pytest.raises(LoopError, match="route /digits of application 'cancer' is served by the running application 'digits'"):
+        keep_running(running, taken)
+    assert keep_running({}, {"applications": []}) == []

@@ -170,3 +170,18 @@ def test_a_version_trained_on_other_category_lists_is_not_served_with_this_spec(
     check_inputs(s, "m", 2, "anything", "regression")      # registered before versions carried their task
     with pytest.raises(LoopError, match=r"v1 is a classification model and the spec's task is regression"):
         check_inputs(s, "m", 1, trained, "regression")
+
+
+def test_commands_started_together_on_a_fresh_folder_share_one_new_store(home, tmp_path):
+    """Two sweeps started at once on a fresh folder each open the sqlite store first: MLflow's migrations of one
+    broke the other's ("table _alembic_tmp_model_versions already exists"). Four processes, one new store."""
+    import subprocess
+    import sys
+
+    code = ("from driftloop import registry; from driftloop.settings import get_settings; "
+            "c = registry.client(get_settings()); c.search_registered_models(); print('ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    out = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e[-400:] for _, e in out]
+    assert registry.champion_version(get_settings(), "none") is None

@@ -1,4 +1,5 @@
-"""`driftloop serve FILE`: a local Ray head on 127.0.0.1 when none runs, then `serve deploy` of FILE."""
+"""`driftloop serve FILE`: a local Ray head on 127.0.0.1 when none runs, then `serve deploy` of FILE's applications
+beside the ones already running (Serve's own deploy is declarative and would delete them)."""
 
 from __future__ import annotations
 
@@ -114,8 +115,28 @@ def _replica_error(app: dict) -> str:
     return msg.splitlines()[-1] if msg else "see the Serve logs"
 
 
+def keep_running(details: dict, cfg: dict) -> list[str]:
+    """Add to CFG, as last deployed, every running application it does not name: a Serve deploy is declarative
+    and deletes what its config leaves out, but serving a second model must not take the first one down.
+    Refuses (nothing deployed) a route prefix that a kept application already serves."""
+    mine = {a["name"]: a.get("route_prefix", "/") for a in cfg.get("applications", [])}
+    kept = []
+    for name, app in sorted((details.get("applications") or {}).items()):
+        conf = app.get("deployed_app_config")
+        if name in mine or not conf or app.get("status") == "DELETING":
+            continue
+        route = conf.get("route_prefix", "/")
+        clash = next((n for n, r in mine.items() if r == route), None)
+        if clash:
+            raise LoopError(f"route {route} of application {clash!r} is served by the running application {name!r}; "
+                            f"change route_prefix, or `serve shutdown` first; nothing deployed")
+        cfg["applications"].append(conf)
+        kept.append(name)
+    return kept
+
+
 def deploy_file(file: Path, wait_s: float = 300) -> dict[str, str]:
-    """Deploy every application of a Serve config and wait until they are RUNNING."""
+    """Deploy every application of a Serve config, keep the other running ones, and wait until FILE's are RUNNING."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     cfg = prepare_config(Path(file))
@@ -123,17 +144,20 @@ def deploy_file(file: Path, wait_s: float = 300) -> dict[str, str]:
     address = ensure_head()
     client = ServeSubmissionClient(address)
     _redeploy_failed(client, cfg)
+    ours = [dict(a) for a in cfg["applications"]]
+    if kept := keep_running(client.get_serve_details() or {}, cfg):
+        print(f"kept running: {', '.join(kept)} (not in {Path(file).name}; `serve shutdown` stops every application)")
     client.deploy_applications(cfg)
     http = cfg.get("http_options", {})
     base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-    names = [a["name"] for a in cfg["applications"]]
+    names = [a["name"] for a in ours]
     deadline = time.monotonic() + wait_s
     while True:
         details = client.get_serve_details()
         apps = details.get("applications", {})
         states = {n: apps.get(n, {}).get("status") for n in names}
         if all(v == "RUNNING" for v in states.values()):
-            return {a["name"]: base + a.get("route_prefix", "/" + a["name"]) for a in cfg["applications"]}
+            return {a["name"]: base + a.get("route_prefix", "/" + a["name"]) for a in ours}
         failed = [n for n, v in states.items() if v == "DEPLOY_FAILED"]
         if failed:
             raise LoopError(f"application {failed[0]} failed to deploy: {_replica_error(apps[failed[0]])}")
