@@ -137,13 +137,28 @@ def headline(r: dict) -> list[str]:
             row(f"serving, monitored / monitor off, batch {c['batch']}, 16 conns",
                 f"{c['a_monitored']['rps']:.0f} vs {c['b_monitoring_off']['rps']:.0f} req/s = {_ratio(c['throughput_ratio_a_over_b'])}",
                 ">= 0.95", (c["throughput_ratio_a_over_b"] or 0) >= 0.95)
-            row(f"serving, driftloop (Serve proxy, shipped) / plain FastAPI, batch {c['batch']}, 16 conns",
+            row(f"serving, driftloop (Serve proxy, default) / plain FastAPI, batch {c['batch']}, 16 conns",
                 f"{c['a_monitored']['rps']:.0f} vs {c['c_plain_fastapi']['rps']:.0f} req/s = {_ratio(c['throughput_ratio_a_over_c'])}",
                 ">= 1.0", (c["throughput_ratio_a_over_c"] or 0) >= 1.0)
             if "e_monitored_direct" in c:
                 row(f"serving, driftloop through direct ingress (opt-in) / plain FastAPI, batch {c['batch']}, 16 conns",
                     f"{c['e_monitored_direct']['rps']:.0f} vs {c['c_plain_fastapi']['rps']:.0f} req/s = "
                     f"{_ratio(c['throughput_ratio_e_over_c'])}", ">= 1.0", (c["throughput_ratio_e_over_c"] or 0) >= 1.0)
+            if "f_monitored_haproxy" in c:
+                f, g, c2 = c["f_monitored_haproxy"], c["g_monitoring_off_haproxy"], c["c2_plain_fastapi"]
+                row(f"serving through HAProxy (`--ingress haproxy`, production), monitored / monitor off, batch {c['batch']}, 16 conns",
+                    f"{f['rps']:.0f} vs {g['rps']:.0f} req/s = {_ratio(c['throughput_ratio_f_over_g'])}", ">= 0.95",
+                    (c["throughput_ratio_f_over_g"] or 0) >= 0.95)
+                row(f"serving, driftloop through HAProxy (`--ingress haproxy`, production) / plain FastAPI, batch {c['batch']}, 16 conns",
+                    f"{f['rps']:.0f} vs {c2['rps']:.0f} req/s = {_ratio(c['throughput_ratio_f_over_c2'])}; {f['errors']} non-200 "
+                    f"of {f.get('requests', '?')}", ">= 1.0, every answer a 200",
+                    (c["throughput_ratio_f_over_c2"] or 0) >= 1.0 and f["errors"] == 0)
+    if sv.get("haproxy_error"):
+        row("serving through HAProxy (`--ingress haproxy`)", f"failed: {sv['haproxy_error']}", "runs", False)
+    elif "haproxy_listening" in sv:
+        ls = sv["haproxy_listening"]
+        row("HAProxy ingress listens on", ", ".join(ls) or "nothing found", "127.0.0.1 only",
+            bool(ls) and all(a.startswith("127.0.0.1:") for a in ls))
     fp = r.get("footprint") or {}
     if "help_s_median" in fp:
         row("`driftloop --help`", f"{fp['help_s_median']:.2f} s", "<= 2 s", fp["help_s_median"] <= 2)
@@ -208,6 +223,10 @@ def add_ratios(r: dict) -> None:
             e = cell["e_monitored_direct"]
             cell["throughput_ratio_e_over_c"] = e["rps"] / c["rps"] if c["rps"] else None
             cell["throughput_ratio_e_over_a"] = e["rps"] / a["rps"] if a["rps"] else None
+        if "f_monitored_haproxy" in cell:
+            f, g, c2 = cell["f_monitored_haproxy"], cell["g_monitoring_off_haproxy"], cell["c2_plain_fastapi"]
+            cell["throughput_ratio_f_over_g"] = f["rps"] / g["rps"] if g["rps"] else None
+            cell["throughput_ratio_f_over_c2"] = f["rps"] / c2["rps"] if c2["rps"] else None
     tr = r.get("training", {})
     if "runs" in tr:
         tr["speedup_ratio_2_over_1_workers"] = tr["runs"]["1_workers"]["wall_s"] / tr["runs"]["2_workers"]["wall_s"]
@@ -233,7 +252,7 @@ def render(r: dict) -> str:
     sv = r.get("serving")
     if sv and "cells" in sv:
         out += ["## Serving (digits, requests/s and latency)", "", f"Settings: {sv['settings']}. {sv['duration_s']} s per cell. "
-                "(a) and (b) are measured through Serve's proxy, as shipped, on a cluster started with "
+                "(a) and (b) are measured through Serve's proxy, the default ingress, on a cluster started with "
                 "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (so that (e) can be measured in the same run; the proxy path is the "
                 "same); (d) is the model's forward pass in this process, per call.", "",
                 "| batch | conns | (a) monitored rps | (b) monitor off rps | (c) plain FastAPI rps | (d) in-process rps | a/b | a/c | a p50 ms | b p50 ms | c p50 ms | a p99 ms | a-b p50 ms |",
@@ -251,6 +270,18 @@ def render(r: dict) -> str:
                 e = c["e_monitored_direct"]
                 out.append(f"| {c['batch']} | {c['connections']} | {e['rps']:.0f} | {c['throughput_ratio_e_over_a']:.2f} | "
                            f"{c['throughput_ratio_e_over_c']:.2f} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} |")
+            out.append("")
+        if all("f_monitored_haproxy" in c for c in sv["cells"]):
+            out += ["The same applications through Serve's HAProxy ingress (`driftloop serve --ingress haproxy`), on a second "
+                    f"local cluster, with plain FastAPI measured again beside them (c2). HAProxy listened on: "
+                    f"{', '.join(sv.get('haproxy_listening') or ['nothing found'])}.", "",
+                    "| batch | conns | (f) monitored, HAProxy rps | (g) monitor off, HAProxy rps | (c2) plain FastAPI rps | f/g | f/c2 | "
+                    "f p50 ms | f p99 ms | f errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+            for c in sv["cells"]:
+                f, g, c2 = c["f_monitored_haproxy"], c["g_monitoring_off_haproxy"], c["c2_plain_fastapi"]
+                out.append(f"| {c['batch']} | {c['connections']} | {f['rps']:.0f} | {g['rps']:.0f} | {c2['rps']:.0f} | "
+                           f"{_ratio(c['throughput_ratio_f_over_g'])} | {_ratio(c['throughput_ratio_f_over_c2'])} | "
+                           f"{f['p50_ms']:.1f} | {f['p99_ms']:.1f} | {f['errors']} |")
             out.append("")
     elif sv:
         out += ["## Serving", "", f"error: {sv.get('error')}", ""]

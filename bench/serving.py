@@ -1,5 +1,6 @@
 """Serving cost of drift monitoring: (a) driftloop with the monitor, (b) the same app with monitoring off,
-(c) plain FastAPI + uvicorn serving the same torch model, (d) the model's forward pass in-process, batched.
+(c) plain FastAPI + uvicorn serving the same torch model, (d) the model's forward pass in-process, batched,
+(e) (a) through Serve's direct ingress, (f) and (g) (a) and (b) through Serve's HAProxy ingress.
 Load: an async httpx client on this machine, pinned concurrency and duration per cell."""
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ async def _load(url: str | list[str], body: bytes, conns: int, duration: float) 
         await asyncio.gather(*(worker(client, urls[i % len(urls)]) for i in range(conns)))
         el = time.perf_counter() - t0
     a = np.asarray(lat) * 1000
-    return {"rps": len(lat) / el, "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "errors": errors}
+    return {"rps": len(lat) / el, "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "errors": errors,
+            "requests": len(lat)}
 
 
 def _bodies(features, pool):
@@ -126,14 +128,80 @@ def run() -> dict:
                 rows.append(cell)
                 print(f"serving batch={batch} conns={conns}: " + ", ".join(
                     f"{k}={v['rps']:.0f}/s" for k, v in cell.items() if isinstance(v, dict)), flush=True)
+        serve.shutdown()
+        try:
+            listening, haproxy_error = _haproxy_cells(s, d, port, rows, bodies, targets["c_plain_fastapi"]), None
+        except Exception as err:  # the cells measured so far stand; the table says what failed
+            listening, haproxy_error = [], f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     finally:
         plain.terminate()
         serve.shutdown()
-    return {"duration_s": DURATION_S, "cells": rows,
+    return {"duration_s": DURATION_S, "cells": rows, "haproxy_listening": listening, "haproxy_error": haproxy_error,
             "settings": "2 Predictor replicas (0.1 CPU), @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.002), "
                         "access log off, rows handed to the monitor every 0.2 s, inference log committed every 2 s; "
-                        "(a) and (b) through Serve's proxy (the shipped default), (e) is (a) through direct ingress "
-                        "(RAY_SERVE_ENABLE_DIRECT_INGRESS=1: the client spreads its connections over the replicas' own ports)"}
+                        "(a) and (b) through Serve's proxy (the default), (e) is (a) through direct ingress "
+                        "(RAY_SERVE_ENABLE_DIRECT_INGRESS=1: the client spreads its connections over the replicas' own ports); "
+                        "(f) and (g) are (a) and (b) through Serve's HAProxy ingress (`driftloop serve --ingress haproxy`: "
+                        "RAY_SERVE_ENABLE_HA_PROXY=1 with driftloop-haproxy), on a second local cluster started after the "
+                        "first one stopped, with (c) measured again beside them as (c2)"}
+
+
+def _haproxy_cells(s, d: dict, port: int, rows: list[dict], bodies: dict, plain_url: str) -> list[str]:
+    """The same applications on a fresh local cluster whose Serve ingress is HAProxy; returns what HAProxy listens on."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from driftloop.cluster import ensure_ray
+    from driftloop.serving.app import DriftMonitor, Predictor
+    from driftloop.serving.haproxy import haproxy_env
+
+    ray.shutdown()
+    for k in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
+        os.environ.pop(k, None)
+    os.environ.update(haproxy_env())
+    try:
+        ensure_ray(s, join_running=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
+        serve.run(Predictor.bind(DriftMonitor.bind(d), d, True, 256), name="mon", route_prefix="/mon")
+        serve.run(Predictor.bind(DriftMonitor.bind(d), d, False, 256), name="off", route_prefix="/off")
+        base = f"http://127.0.0.1:{port}"
+        targets = {"f_monitored_haproxy": f"{base}/mon/predict", "g_monitoring_off_haproxy": f"{base}/off/predict",
+                   "c2_plain_fastapi": plain_url}
+        deadline = time.time() + 120  # HAProxy learns the routes from the controller a moment after serve.run
+        while time.time() < deadline:
+            try:
+                if all(httpx.post(u, content=bodies[1], timeout=10).status_code == 200 for u in list(targets.values())[:2]):
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        listening = _listening("haproxy")
+        for cell in rows:
+            for name, url in targets.items():
+                asyncio.run(_load(url, bodies[cell["batch"]], cell["connections"], 1.5))  # warm-up
+                cell[name] = asyncio.run(_load(url, bodies[cell["batch"]], cell["connections"], DURATION_S))
+            print(f"serving via HAProxy batch={cell['batch']} conns={cell['connections']}: " + ", ".join(
+                f"{k}={cell[k]['rps']:.0f}/s" for k in targets), flush=True)
+        return listening
+    finally:
+        serve.shutdown()
+        for k in haproxy_env():
+            os.environ.pop(k, None)
+
+
+def _listening(process_name: str) -> list[str]:
+    """Every address:port that a process of this name listens on (TCP)."""
+    import psutil
+
+    found: set[str] = set()
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] == process_name:
+            try:
+                found |= {f"{c.laddr.ip}:{c.laddr.port}" for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+            except psutil.Error:
+                pass
+    return sorted(found)
 
 
 def direct_ingress_urls(app: str) -> list[str]:

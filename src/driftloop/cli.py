@@ -136,13 +136,18 @@ def rollback_cmd(name: str = typer.Argument(...)) -> None:
 def serve_cmd(
     file: Path = typer.Argument(..., help="Serve config, e.g. serve_configs/digits.yaml"),
     wait_s: float = typer.Option(300, "--wait", help="seconds to wait for the applications to be RUNNING"),
+    ingress: str = typer.Option("proxy", "--ingress", envvar="DRIFTLOOP_INGRESS",
+                                help="for a local head this command starts: proxy (Serve's default) | haproxy (Serve's "
+                                     "HAProxy ingress on loopback, the production choice: README, Serving)"),
 ) -> None:
     """Deploy the champion of each model in FILE with its drift monitor (starts local Ray on 127.0.0.1 if needed).
 
     Applications already running that FILE does not name keep running (a plain `serve deploy` deletes them)."""
     from driftloop.serving.deploy import deploy_file
 
-    for name, url in deploy_file(file, wait_s).items():
+    if ingress not in ("proxy", "haproxy"):
+        _fail(f"--ingress {ingress}: must be proxy or haproxy", 2)
+    for name, url in deploy_file(file, wait_s, ingress).items():
         typer.echo(f"{name}: {url}/predict  (drift: {url}/drift, docs: {url}/docs)")
 
 

@@ -1,5 +1,7 @@
 """The cloud cluster files: Ray's own validator for cluster.yaml; KubeRay manifests match the Serve config."""
 
+from pathlib import Path
+
 import yaml
 
 from tests.conftest import ROOT
@@ -71,3 +73,25 @@ def test_serving_a_second_model_keeps_the_running_ones_and_refuses_a_taken_route
     with pytest.raises(LoopError, match="route /digits of application 'cancer' is served by the running application 'digits'"):
         keep_running(running, taken)
     assert keep_running({}, {"applications": []}) == []
+
+
+def test_driftloop_haproxy_keeps_rays_haproxy_config_on_loopback(monkeypatch):
+    """Ray's own HAProxy template binds the stats page and the metrics exporter on every interface and opens the
+    admin socket to every local user; the config driftloop-haproxy hands to HAProxy binds them to 127.0.0.1 and
+    keeps the frontend on the host Serve's http_options asked for. It runs the real HAProxy, never itself."""
+    import re
+
+    from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
+
+    from driftloop.serving.haproxy import haproxy_env, loopback, real_haproxy
+
+    values = {"frontend_host": "10.0.0.5", "socket_path": "/tmp/h/admin.sock"}
+    rendered = re.sub(r"\{\{\s*config\.(\w+)\s*\}\}", lambda m: values.get(m.group(1), "9101" if "port" in m.group(1) else "x"),
+                      HAPROXY_CONFIG_TEMPLATE)
+    binds = [ln.split()[1] for ln in loopback(rendered).splitlines() if ln.strip().startswith("bind ")]
+    assert binds and all(b.startswith(("127.0.0.1:", "10.0.0.5:", "x:")) for b in binds), binds
+    assert "10.0.0.5:9101" in binds and "mode 666" not in loopback(rendered) and "mode 600" in loopback(rendered)
+    assert loopback("  bind *:8404\n", "192.168.1.2") == "  bind 192.168.1.2:8404\n"   # DRIFTLOOP_HAPROXY_STATS_HOST
+
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", haproxy_env()["RAY_SERVE_HAPROXY_BINARY_PATH"])
+    assert Path(real_haproxy()).name == "haproxy"

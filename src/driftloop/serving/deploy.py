@@ -24,22 +24,33 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def ensure_head() -> str:
-    """The dashboard address of the cluster to deploy to; starts a local head (127.0.0.1) if none runs.
+def ensure_head(ingress: str = "proxy") -> str:
+    """The dashboard address of the cluster to deploy to; starts a local head (127.0.0.1) if none runs, with
+    INGRESS (`proxy`: Serve's default proxy actor; `haproxy`: Serve's HAProxy ingress, kept on loopback by
+    driftloop-haproxy). A running cluster keeps the ingress it was started with.
 
     A local head must take a job before we return: one whose dashboard agent could not bind its port (a Ray
     that just stopped still held it) serves and lists jobs but refuses every retraining job with HTTP 500.
     """
+    from driftloop.serving.haproxy import haproxy_env
+
+    kept = (f"the running Ray cluster keeps the ingress it started with; for HAProxy, start its nodes with "
+            f"{' '.join(f'{k}={v}' for k, v in haproxy_env().items())}")
     if os.environ.get("DRIFTLOOP_JOBS_ADDRESS", "").startswith("http") or os.environ.get("RAY_ADDRESS"):
         from driftloop.jobs import jobs_address
 
+        if ingress == "haproxy":
+            print(kept)
         return jobs_address()
     probe = subprocess.run([_ray_bin(), "status"], capture_output=True, text=True, timeout=60)
+    if probe.returncode == 0 and ingress == "haproxy":
+        print(kept)
     if probe.returncode != 0:
         cmd = [_ray_bin(), "start", "--head", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
                f"--num-cpus={max(LOCAL_CPUS, os.cpu_count() or 1)}", "--disable-usage-stats",
                "--dashboard-agent-listen-port=0"]  # any free port: never the one a Ray just stopped still holds
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        env = {**os.environ, **(haproxy_env() if ingress == "haproxy" else {})}
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
         if r.returncode != 0:
             raise LoopError(f"could not start local Ray: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
     check_jobs_api(DASHBOARD)
@@ -135,13 +146,13 @@ def keep_running(details: dict, cfg: dict) -> list[str]:
     return kept
 
 
-def deploy_file(file: Path, wait_s: float = 300) -> dict[str, str]:
+def deploy_file(file: Path, wait_s: float = 300, ingress: str = "proxy") -> dict[str, str]:
     """Deploy every application of a Serve config, keep the other running ones, and wait until FILE's are RUNNING."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     cfg = prepare_config(Path(file))
     check_champions(cfg)
-    address = ensure_head()
+    address = ensure_head(ingress)
     client = ServeSubmissionClient(address)
     _redeploy_failed(client, cfg)
     ours = [dict(a) for a in cfg["applications"]]
