@@ -4,7 +4,8 @@ of a shifted stream with labels -> drift -> retraining job -> swap -> status. Wi
 classes); diabetes is regression (a disease-progression score from 25 to 346: init sees a quantity, the sweep and
 the gate use RMSE, feedback takes numbers, KS tests the predictions, /drift reports the rolling error). Breast
 cancer, binary with text columns and gaps, is test_7_byod. Both models run side by side on one head, as one team's
-two models would: swept at once, served as two applications, replayed at once, each retrained on its own.
+two models would: swept at once, served as two applications, replayed at once, each retrained on its own, all
+through the production ingress the README documents (Ray's HAProxy via driftloop-haproxy, set when the head starts).
 
 Diabetes: 300 rows are the history the model learns from; production is the rows it never saw, resampled, read by
 a recalibrated clinic: body-mass index, blood pressure and the s5 serum reading all read high, so the champion
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +26,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from deltalake import DeltaTable
+
+from driftloop.serving.haproxy import haproxy_env
 
 from tests.integration.conftest import wait_for
 from tests.integration.test_0_newcomer import DASHBOARD_PORT, _free, stop_head
@@ -74,12 +78,15 @@ def test_wine_and_diabetes_side_by_side_init_ingest_sweep_serve_drift_retrain_sw
         made = cli("init", f"{name}.csv", "--label", "target")
         assert made.returncode == 0 and ("regression of" in made.stdout) == (name == "diabetes"), made.stdout + made.stderr
         assert cli("data", "ingest", f"{name}.csv", "--table", name).returncode == 0
-    head = start_user_head(env, raytmp, tmp_path / "head.log")
+    started = time.time()
+    head = start_user_head({**env, **haproxy_env()}, raytmp, tmp_path / "head.log")  # the README's production ingress
     try:
         assert [r.returncode for r in both.map(lambda n: cli("sweep", f"configs/{n}.yaml"), streams)] == [0, 0]
         assert cli("serve", "serve_configs/wine.yaml").returncode == 0
         second = cli("serve", "serve_configs/diabetes.yaml")
         assert second.returncode == 0 and "kept running: wine" in second.stdout, second.stdout
+        listening = _listening(_haproxies(started))  # HAProxy answers :8000; stats and metrics stay on loopback
+        assert "127.0.0.1:8000" in listening and all(a.startswith("127.0.0.1:") for a in listening), listening
         for name in streams:
             _first_answers(cli, work, name)
         # each model's own production rows, in file order, each label arriving 20 rows late; both streams at once
@@ -93,8 +100,28 @@ def test_wine_and_diabetes_side_by_side_init_ingest_sweep_serve_drift_retrain_sw
     finally:
         both.shutdown()
         stop_head(head)
+        for p in _haproxies(started):  # an HAProxy whose manager actor was killed with its node outlives it
+            p.kill()
         _kill_leftovers(work / ".driftloop")
         shutil.rmtree(raytmp, ignore_errors=True)
+
+
+def _haproxies(since: float) -> list:
+    import psutil
+
+    return [p for p in psutil.process_iter(["name", "create_time"]) if p.info["name"] == "haproxy" and p.info["create_time"] >= since]
+
+
+def _listening(procs: list) -> set[str]:
+    import psutil
+
+    found = set()
+    for p in procs:
+        try:
+            found |= {f"{c.laddr.ip}:{c.laddr.port}" for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            pass
+    return found
 
 
 def _first_answers(cli, work: Path, name: str) -> None:
