@@ -54,6 +54,7 @@ def main() -> int:
     return 0
 
 
+HAPROXY_CELLS = ("f_monitored_haproxy", "g_monitoring_off_haproxy", "c2_plain_fastapi")
 HEAD_START, HEAD_END = "<!-- bench:headline (written by make bench; do not edit) -->", "<!-- /bench:headline -->"
 
 
@@ -144,7 +145,7 @@ def headline(r: dict) -> list[str]:
                 row(f"serving, driftloop through direct ingress (opt-in) / plain FastAPI, batch {c['batch']}, 16 conns",
                     f"{c['e_monitored_direct']['rps']:.0f} vs {c['c_plain_fastapi']['rps']:.0f} req/s = "
                     f"{_ratio(c['throughput_ratio_e_over_c'])}", ">= 1.0", (c["throughput_ratio_e_over_c"] or 0) >= 1.0)
-            if "f_monitored_haproxy" in c:
+            if all(k in c for k in HAPROXY_CELLS):
                 f, g, c2 = c["f_monitored_haproxy"], c["g_monitoring_off_haproxy"], c["c2_plain_fastapi"]
                 row(f"serving through HAProxy (`--ingress haproxy`, production), monitored / monitor off, batch {c['batch']}, 16 conns",
                     f"{f['rps']:.0f} vs {g['rps']:.0f} req/s = {_ratio(c['throughput_ratio_f_over_g'])}", ">= 0.95",
@@ -152,7 +153,7 @@ def headline(r: dict) -> list[str]:
                 row(f"serving, driftloop through HAProxy (`--ingress haproxy`, production) / plain FastAPI, batch {c['batch']}, 16 conns",
                     f"{f['rps']:.0f} vs {c2['rps']:.0f} req/s = {_ratio(c['throughput_ratio_f_over_c2'])}; {f['errors']} non-200 "
                     f"of {f.get('requests', '?')}", ">= 1.0, every answer a 200",
-                    (c["throughput_ratio_f_over_c2"] or 0) >= 1.0 and f["errors"] == 0)
+                    (c["throughput_ratio_f_over_c2"] or 0) >= 1.0 and f["errors"] == 0 and g["errors"] == 0)
     if sv.get("haproxy_error"):
         row("serving through HAProxy (`--ingress haproxy`)", f"failed: {sv['haproxy_error']}", "runs", False)
     elif "haproxy_listening" in sv:
@@ -223,7 +224,7 @@ def add_ratios(r: dict) -> None:
             e = cell["e_monitored_direct"]
             cell["throughput_ratio_e_over_c"] = e["rps"] / c["rps"] if c["rps"] else None
             cell["throughput_ratio_e_over_a"] = e["rps"] / a["rps"] if a["rps"] else None
-        if "f_monitored_haproxy" in cell:
+        if all(k in cell for k in HAPROXY_CELLS):
             f, g, c2 = cell["f_monitored_haproxy"], cell["g_monitoring_off_haproxy"], cell["c2_plain_fastapi"]
             cell["throughput_ratio_f_over_g"] = f["rps"] / g["rps"] if g["rps"] else None
             cell["throughput_ratio_f_over_c2"] = f["rps"] / c2["rps"] if c2["rps"] else None
@@ -271,7 +272,7 @@ def render(r: dict) -> str:
                 out.append(f"| {c['batch']} | {c['connections']} | {e['rps']:.0f} | {c['throughput_ratio_e_over_a']:.2f} | "
                            f"{c['throughput_ratio_e_over_c']:.2f} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} |")
             out.append("")
-        if all("f_monitored_haproxy" in c for c in sv["cells"]):
+        if all(all(k in c for k in HAPROXY_CELLS) for c in sv["cells"]):
             out += ["The same applications through Serve's HAProxy ingress (`driftloop serve --ingress haproxy`), on a second "
                     f"local cluster, with plain FastAPI measured again beside them (c2). HAProxy listened on: "
                     f"{', '.join(sv.get('haproxy_listening') or ['nothing found'])}.", "",

@@ -157,6 +157,7 @@ def _haproxy_cells(s, d: dict, port: int, rows: list[dict], bodies: dict, plain_
     from driftloop.serving.haproxy import haproxy_env
 
     ray.shutdown()
+    since = time.time()
     for k in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
         os.environ.pop(k, None)
     os.environ.update(haproxy_env())
@@ -169,14 +170,16 @@ def _haproxy_cells(s, d: dict, port: int, rows: list[dict], bodies: dict, plain_
         targets = {"f_monitored_haproxy": f"{base}/mon/predict", "g_monitoring_off_haproxy": f"{base}/off/predict",
                    "c2_plain_fastapi": plain_url}
         deadline = time.time() + 120  # HAProxy learns the routes from the controller a moment after serve.run
-        while time.time() < deadline:
+        while True:
             try:
                 if all(httpx.post(u, content=bodies[1], timeout=10).status_code == 200 for u in list(targets.values())[:2]):
                     break
             except httpx.HTTPError:
                 pass
+            if time.time() > deadline:
+                raise RuntimeError("the applications did not answer 200 through HAProxy within 120 s")
             time.sleep(1)
-        listening = _listening("haproxy")
+        listening = _listening("haproxy", since)
         for cell in rows:
             for name, url in targets.items():
                 asyncio.run(_load(url, bodies[cell["batch"]], cell["connections"], 1.5))  # warm-up
@@ -190,13 +193,13 @@ def _haproxy_cells(s, d: dict, port: int, rows: list[dict], bodies: dict, plain_
             os.environ.pop(k, None)
 
 
-def _listening(process_name: str) -> list[str]:
-    """Every address:port that a process of this name listens on (TCP)."""
+def _listening(process_name: str, since: float) -> list[str]:
+    """Every address:port that a process of this name started since SINCE listens on (TCP)."""
     import psutil
 
     found: set[str] = set()
-    for p in psutil.process_iter(["name"]):
-        if p.info["name"] == process_name:
+    for p in psutil.process_iter(["name", "create_time"]):
+        if p.info["name"] == process_name and p.info["create_time"] >= since:
             try:
                 found |= {f"{c.laddr.ip}:{c.laddr.port}" for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
             except psutil.Error:

@@ -50,7 +50,7 @@ def _create_sqlite_store_once(settings: Settings) -> None:
     uri = settings.tracking_uri
     if not uri.startswith("sqlite:///"):
         return
-    db = Path(uri[len("sqlite:///"):])
+    db = Path(uri[len("sqlite:///"):].split("?")[0])
     ready = db.with_name(db.name + ".ready")
     if ready.exists() and db.exists():
         return
@@ -59,12 +59,18 @@ def _create_sqlite_store_once(settings: Settings) -> None:
     from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as lock:
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(db.with_name(db.name + ".lock"), "a")
+    except OSError:
+        if db.exists():
+            return  # a store this process may read but not write (a read-only mount): MLflow opens it as before
+        raise
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if not (ready.exists() and db.exists()):
-            SqlAlchemyStore(uri, str(settings.artifacts_dir))
-            RegistryStore(uri)
+            for store in (SqlAlchemyStore(uri, str(settings.artifacts_dir)), RegistryStore(uri)):
+                store.engine.dispose()
             ready.touch()
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 from deltalake import DeltaTable
 
@@ -65,8 +66,8 @@ def _tables(folder: Path) -> dict[str, tuple[int, set[str]]]:
 def test_wine_and_diabetes_side_by_side_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
     """Two models of one user on one head, as a team runs them: both swept at once, the second `driftloop serve`
     keeps the first application running, both streams replayed at once, each retrained and swapped on its own."""
-    if not _free(DASHBOARD_PORT) or not _free(8000):
-        pytest.skip(f"ports {DASHBOARD_PORT} and 8000 must be free (no other Ray head or Serve here)")
+    if not all(_free(p) for p in (DASHBOARD_PORT, 8000, 8404, 9101)):
+        pytest.skip(f"ports {DASHBOARD_PORT}, 8000 and HAProxy's 8404 and 9101 must be free (no other Ray head or Serve here)")
     work = tmp_path / "project"
     work.mkdir()
     streams = _tables(work)
@@ -78,14 +79,14 @@ def test_wine_and_diabetes_side_by_side_init_ingest_sweep_serve_drift_retrain_sw
         made = cli("init", f"{name}.csv", "--label", "target")
         assert made.returncode == 0 and ("regression of" in made.stdout) == (name == "diabetes"), made.stdout + made.stderr
         assert cli("data", "ingest", f"{name}.csv", "--table", name).returncode == 0
-    started = time.time()
+    started, home = time.time(), work / ".driftloop"
     head = start_user_head({**env, **haproxy_env()}, raytmp, tmp_path / "head.log")  # the README's production ingress
     try:
         assert [r.returncode for r in both.map(lambda n: cli("sweep", f"configs/{n}.yaml"), streams)] == [0, 0]
         assert cli("serve", "serve_configs/wine.yaml").returncode == 0
         second = cli("serve", "serve_configs/diabetes.yaml")
         assert second.returncode == 0 and "kept running: wine" in second.stdout, second.stdout
-        listening = _listening(_haproxies(started))  # HAProxy answers :8000; stats and metrics stay on loopback
+        listening = _listening(_haproxies(started, home))  # HAProxy answers :8000; stats and metrics on loopback
         assert "127.0.0.1:8000" in listening and all(a.startswith("127.0.0.1:") for a in listening), listening
         for name in streams:
             _first_answers(cli, work, name)
@@ -100,21 +101,28 @@ def test_wine_and_diabetes_side_by_side_init_ingest_sweep_serve_drift_retrain_sw
     finally:
         both.shutdown()
         stop_head(head)
-        for p in _haproxies(started):  # an HAProxy whose manager actor was killed with its node outlives it
-            p.kill()
-        _kill_leftovers(work / ".driftloop")
+        for p in _haproxies(started, home):  # an HAProxy whose manager actor was killed with its node outlives it
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        _kill_leftovers(home)
         shutil.rmtree(raytmp, ignore_errors=True)
 
 
-def _haproxies(since: float) -> list:
-    import psutil
-
-    return [p for p in psutil.process_iter(["name", "create_time"]) if p.info["name"] == "haproxy" and p.info["create_time"] >= since]
+def _haproxies(since: float, home: Path) -> list:
+    """This test's HAProxy processes: started since SINCE, under this user folder's DRIFTLOOP_HOME."""
+    found = []
+    for p in psutil.process_iter(["name", "create_time"]):
+        try:
+            if p.info["name"] == "haproxy" and p.info["create_time"] >= since and p.environ().get("DRIFTLOOP_HOME") == str(home):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
 
 
 def _listening(procs: list) -> set[str]:
-    import psutil
-
     found = set()
     for p in procs:
         try:

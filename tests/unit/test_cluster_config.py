@@ -65,33 +65,55 @@ def test_serving_a_second_model_keeps_the_running_ones_and_refuses_a_taken_route
     running = {"applications": {
         "digits": {"status": "RUNNING", "deployed_app_config": digits},
         "wine": {"status": "RUNNING", "deployed_app_config": {"name": "wine", "route_prefix": "/wine-old"}},
-        "gone": {"status": "DELETING", "deployed_app_config": {"name": "gone", "route_prefix": "/gone"}}}}
+        "gone": {"status": "DELETING", "deployed_app_config": {"name": "gone", "route_prefix": "/gone"}},
+        "by_serve_run": {"status": "RUNNING", "route_prefix": "/mine", "deployed_app_config": None}}}
     cfg = {"applications": [{"name": "wine", "route_prefix": "/wine"}]}
     assert keep_running(running, cfg) == ["digits"]
     assert cfg["applications"] == [{"name": "wine", "route_prefix": "/wine"}, digits]
     taken = {"applications": [{"name": "cancer", "route_prefix": "/digits"}]}
     with pytest.raises(LoopError, match="route /digits of application 'cancer' is served by the running application 'digits'"):
         keep_running(running, taken)
+    with pytest.raises(LoopError, match="served by the running application 'by_serve_run'"):
+        keep_running(running, {"applications": [{"name": "mine", "route_prefix": "/mine"}]})
     assert keep_running({}, {"applications": []}) == []
 
 
-def test_driftloop_haproxy_keeps_rays_haproxy_config_on_loopback(monkeypatch):
+def test_driftloop_haproxy_keeps_rays_haproxy_config_on_loopback(monkeypatch, tmp_path):
     """Ray's own HAProxy template binds the stats page and the metrics exporter on every interface and opens the
-    admin socket to every local user; the config driftloop-haproxy hands to HAProxy binds them to 127.0.0.1 and
-    keeps the frontend on the host Serve's http_options asked for. It runs the real HAProxy, never itself."""
+    admin socket to every local user; the config driftloop-haproxy hands to HAProxy binds those two to 127.0.0.1,
+    keeps the HTTP and gRPC frontends where Serve's options put them (`*` for 0.0.0.0, as on KubeRay), and passes
+    Ray's arguments through unchanged to the real HAProxy, never to itself."""
     import re
 
     from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
 
-    from driftloop.serving.haproxy import haproxy_env, loopback, real_haproxy
+    from driftloop.serving import haproxy
 
-    values = {"frontend_host": "10.0.0.5", "socket_path": "/tmp/h/admin.sock"}
-    rendered = re.sub(r"\{\{\s*config\.(\w+)\s*\}\}", lambda m: values.get(m.group(1), "9101" if "port" in m.group(1) else "x"),
-                      HAPROXY_CONFIG_TEMPLATE)
-    binds = [ln.split()[1] for ln in loopback(rendered).splitlines() if ln.strip().startswith("bind ")]
-    assert binds and all(b.startswith(("127.0.0.1:", "10.0.0.5:", "x:")) for b in binds), binds
-    assert "10.0.0.5:9101" in binds and "mode 666" not in loopback(rendered) and "mode 600" in loopback(rendered)
-    assert loopback("  bind *:8404\n", "192.168.1.2") == "  bind 192.168.1.2:8404\n"   # DRIFTLOOP_HAPROXY_STATS_HOST
+    def render(frontend: str) -> str:
+        values = {"frontend_host": frontend, "grpc_frontend_host": frontend, "socket_path": "/tmp/h/admin.sock",
+                  "metrics_port": "9101", "stats_port": "8404", "frontend_port": "8000", "grpc_frontend_port": "9000"}
+        return re.sub(r"\{\{\s*config\.(\w+)\s*\}\}", lambda m: values.get(m.group(1), "x"), HAPROXY_CONFIG_TEMPLATE)
 
-    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", haproxy_env()["RAY_SERVE_HAPROXY_BINARY_PATH"])
-    assert Path(real_haproxy()).name == "haproxy"
+    def binds(text: str) -> list[str]:
+        return [ln.split()[1] for ln in text.splitlines() if ln.strip().startswith("bind ")]
+
+    for frontend in ("*", "10.0.0.5", "127.0.0.1"):
+        rendered = render(frontend)
+        safe = haproxy.loopback(rendered)
+        assert sorted(binds(safe)) == sorted([f"{frontend}:8000", f"{frontend}:9000", "127.0.0.1:8404", "127.0.0.1:9101"])
+        assert "mode 666" in rendered and "mode 666" not in safe and "mode 600" in safe
+    assert "192.168.1.2:8404" in binds(haproxy.loopback(render("*"), "192.168.1.2"))  # DRIFTLOOP_HAPROXY_STATS_HOST
+
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(render("*"))
+    ran = []
+    monkeypatch.setattr(haproxy.os, "execv", lambda binary, argv: ran.append(argv))
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", haproxy.haproxy_env()["RAY_SERVE_HAPROXY_BINARY_PATH"])
+    monkeypatch.delenv("DRIFTLOOP_HAPROXY_BINARY", raising=False)
+    args = ["-db", "-f", str(cfg), "-dR", "-sf", "11", "12", "-x", "/tmp/h/admin.sock"]
+    haproxy.main(args)
+    assert Path(ran[0][0]).name == "haproxy" and "driftloop" not in ran[0][0] and ran[0][1:] == args
+    assert sorted(binds(cfg.read_text())) == ["*:8000", "*:9000", "127.0.0.1:8404", "127.0.0.1:9101"]
+    monkeypatch.setenv("DRIFTLOOP_HAPROXY_BINARY", "/opt/own/haproxy")                # a binary you chose yourself
+    haproxy.main(args)
+    assert ran[1][0] == "/opt/own/haproxy"

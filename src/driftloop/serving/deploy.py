@@ -3,6 +3,7 @@ beside the ones already running (Serve's own deploy is declarative and would del
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -24,6 +25,11 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+def _remote() -> bool:
+    """A cluster named by the environment (its Serve ingress may not be reachable from here), not a local head."""
+    return os.environ.get("DRIFTLOOP_JOBS_ADDRESS", "").startswith("http") or bool(os.environ.get("RAY_ADDRESS"))
+
+
 def ensure_head(ingress: str = "proxy") -> str:
     """The dashboard address of the cluster to deploy to; starts a local head (127.0.0.1) if none runs, with
     INGRESS (`proxy`: Serve's default proxy actor; `haproxy`: Serve's HAProxy ingress, kept on loopback by
@@ -36,7 +42,7 @@ def ensure_head(ingress: str = "proxy") -> str:
 
     kept = (f"the running Ray cluster keeps the ingress it started with; for HAProxy, start its nodes with "
             f"{' '.join(f'{k}={v}' for k, v in haproxy_env().items())}")
-    if os.environ.get("DRIFTLOOP_JOBS_ADDRESS", "").startswith("http") or os.environ.get("RAY_ADDRESS"):
+    if _remote():
         from driftloop.jobs import jobs_address
 
         if ingress == "haproxy":
@@ -46,6 +52,9 @@ def ensure_head(ingress: str = "proxy") -> str:
     if probe.returncode == 0 and ingress == "haproxy":
         print(kept)
     if probe.returncode != 0:
+        wrapper = haproxy_env()["RAY_SERVE_HAPROXY_BINARY_PATH"]
+        if ingress == "haproxy" and not os.access(wrapper, os.X_OK):
+            raise LoopError(f"--ingress haproxy: {wrapper} is missing (reinstall driftloop: pip install -e .); nothing started")
         cmd = [_ray_bin(), "start", "--head", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
                f"--num-cpus={max(LOCAL_CPUS, os.cpu_count() or 1)}", "--disable-usage-stats",
                "--dashboard-agent-listen-port=0"]  # any free port: never the one a Ray just stopped still holds
@@ -134,16 +143,38 @@ def keep_running(details: dict, cfg: dict) -> list[str]:
     kept = []
     for name, app in sorted((details.get("applications") or {}).items()):
         conf = app.get("deployed_app_config")
-        if name in mine or not conf or app.get("status") == "DELETING":
+        if name in mine or app.get("status") == "DELETING":
             continue
-        route = conf.get("route_prefix", "/")
+        route = app.get("route_prefix") or (conf or {}).get("route_prefix", "/")
         clash = next((n for n, r in mine.items() if r == route), None)
         if clash:
             raise LoopError(f"route {route} of application {clash!r} is served by the running application {name!r}; "
                             f"change route_prefix, or `serve shutdown` first; nothing deployed")
-        cfg["applications"].append(conf)
-        kept.append(name)
+        if conf:
+            cfg["applications"].append(conf)
+            kept.append(name)
     return kept
+
+
+@contextlib.contextmanager
+def _one_deploy_at_a_time():
+    """Read the running applications and deploy them with ours under one lock: two `driftloop serve` started
+    together would each keep only what ran before both, and the later deploy would delete the other's app."""
+    import fcntl
+
+    s = get_settings().ensure()
+    with open(s.state_dir / "serve.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _answering(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def deploy_file(file: Path, wait_s: float = 300, ingress: str = "proxy") -> dict[str, str]:
@@ -152,23 +183,31 @@ def deploy_file(file: Path, wait_s: float = 300, ingress: str = "proxy") -> dict
 
     cfg = prepare_config(Path(file))
     check_champions(cfg)
-    address = ensure_head(ingress)
+    address, remote = ensure_head(ingress), _remote()
     client = ServeSubmissionClient(address)
     _redeploy_failed(client, cfg)
     ours = [dict(a) for a in cfg["applications"]]
-    if kept := keep_running(client.get_serve_details() or {}, cfg):
-        print(f"kept running: {', '.join(kept)} (not in {Path(file).name}; `serve shutdown` stops every application)")
-    client.deploy_applications(cfg)
+    with _one_deploy_at_a_time():
+        if kept := keep_running(client.get_serve_details() or {}, cfg):
+            print(f"kept running: {', '.join(kept)} (not in {Path(file).name}; `serve shutdown` stops every application)")
+        client.deploy_applications(cfg)
     http = cfg.get("http_options", {})
     base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     names = [a["name"] for a in ours]
+    urls = {a["name"]: base + a.get("route_prefix", "/" + a["name"]) for a in ours}
     deadline = time.monotonic() + wait_s
     while True:
         details = client.get_serve_details()
         apps = details.get("applications", {})
         states = {n: apps.get(n, {}).get("status") for n in names}
-        if all(v == "RUNNING" for v in states.values()):
-            return {a["name"]: base + a.get("route_prefix", "/" + a["name"]) for a in ours}
+        if all(v == "RUNNING" for v in states.values()):  # and the ingress routes to each (HAProxy learns a route
+            waiting = [a["name"] for a in ours                 # a moment after its application is RUNNING)
+                       if str(a.get("import_path", "")).startswith("driftloop.") and not remote and not _answering(urls[a["name"]])]
+            if not waiting:
+                return urls
+            if time.monotonic() > deadline:
+                raise LoopError(f"application {waiting[0]} is RUNNING but {urls[waiting[0]]}/healthz does not answer 200 "
+                                f"after {wait_s:.0f}s: see the ingress's logs (HAProxy: /tmp/haproxy-serve/*/*.stderr.log)")
         failed = [n for n, v in states.items() if v == "DEPLOY_FAILED"]
         if failed:
             raise LoopError(f"application {failed[0]} failed to deploy: {_replica_error(apps[failed[0]])}")
