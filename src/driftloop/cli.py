@@ -138,7 +138,7 @@ def serve_cmd(
     wait_s: float = typer.Option(300, "--wait", help="seconds to wait for the applications to be RUNNING"),
     ingress: str = typer.Option("proxy", "--ingress", envvar="DRIFTLOOP_INGRESS",
                                 help="for a local head this command starts: proxy (Serve's default) | haproxy (Serve's "
-                                     "HAProxy ingress on loopback, the production choice: README, Serving)"),
+                                     "HAProxy ingress on loopback, the production choice: README, \"Production ingress\")"),
 ) -> None:
     """Deploy the champion of each model in FILE with its drift monitor (starts local Ray on 127.0.0.1 if needed).
 
