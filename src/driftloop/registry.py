@@ -37,41 +37,9 @@ def configure(settings: Settings) -> None:
     """Point MLflow at the settings' tracking store (sqlite under DRIFTLOOP_HOME by default)."""
     import mlflow
 
-    settings.ensure()
-    _create_sqlite_store_once(settings)
+    settings.ensure().ensure_tracking_store()
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
-
-
-def _create_sqlite_store_once(settings: Settings) -> None:
-    """MLflow creates and migrates a new sqlite store on first use, and two commands doing that at once (two sweeps
-    started together on a fresh folder) break it ("table _alembic_tmp_model_versions already exists"): the first
-    use of a sqlite store runs under a file lock, and later ones skip it."""
-    uri = settings.tracking_uri
-    if not uri.startswith("sqlite:///"):
-        return
-    db = Path(uri[len("sqlite:///"):].split("?")[0])
-    ready = db.with_name(db.name + ".ready")
-    if ready.exists() and db.exists():
-        return
-    import fcntl
-
-    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    try:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(db.with_name(db.name + ".lock"), "a")
-    except OSError:
-        if db.exists():
-            return  # a store this process may read but not write (a read-only mount): MLflow opens it as before
-        raise
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if not (ready.exists() and db.exists()):
-            for store in (SqlAlchemyStore(uri, str(settings.artifacts_dir)), RegistryStore(uri)):
-                store.engine.dispose()
-            ready.touch()
 
 
 def client(settings: Settings):

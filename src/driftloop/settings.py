@@ -36,6 +36,36 @@ class Settings:
             Path(self.data_root).mkdir(parents=True, exist_ok=True)
         return self
 
+    def ensure_tracking_store(self) -> None:
+        """MLflow creates and migrates a new sqlite store on first use, and two commands doing that at once (two
+        sweeps started together on a fresh folder) break it ("table _alembic_tmp_model_versions already exists"):
+        the first use of a sqlite store runs under a file lock, and later ones skip it. Other stores: nothing."""
+        uri = self.tracking_uri
+        if not uri.startswith("sqlite:///"):
+            return
+        db = Path(uri[len("sqlite:///"):].split("?")[0])
+        ready = db.with_name(db.name + ".ready")
+        if ready.exists() and db.exists():
+            return
+        import fcntl
+
+        from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(db.with_name(db.name + ".lock"), "a")
+        except OSError:
+            if db.exists():
+                return  # a store this process may read but not write (a read-only mount): MLflow opens it as before
+            raise
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            if not (ready.exists() and db.exists()):
+                for store in (SqlAlchemyStore(uri, str(self.artifacts_dir)), RegistryStore(uri)):
+                    store.engine.dispose()
+                ready.touch()
+
 
 def get_settings() -> Settings:
     """Read DRIFTLOOP_HOME, DRIFTLOOP_DATA_ROOT, MLFLOW_TRACKING_URI and RAY_ADDRESS now."""

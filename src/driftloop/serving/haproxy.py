@@ -18,7 +18,6 @@ import shutil
 import sys
 import tempfile
 
-ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}  # plus RAY_SERVE_HAPROXY_BINARY_PATH: see haproxy_env()
 SIDE_SECTIONS = ("listen stats", "frontend prometheus")  # Ray's template: the stats page, the metrics exporter
 
 
@@ -26,7 +25,7 @@ def haproxy_env() -> dict[str, str]:
     """What a Ray node's environment needs, when it starts, for Serve to use this HAProxy as its ingress. A binary
     you chose yourself (RAY_SERVE_HAPROXY_BINARY_PATH already set to another one) is what this one becomes."""
     wrapper = os.path.join(os.path.dirname(sys.executable), "driftloop-haproxy")
-    env = {**ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": wrapper}
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": wrapper}
     own = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
     if own and os.path.realpath(own) != os.path.realpath(wrapper):
         env["DRIFTLOOP_HAPROXY_BINARY"] = own
