@@ -115,8 +115,11 @@ def register_bundle(
     meta = {"features": spec.dataset.features, "classes": spec.dataset.classes, "label": spec.dataset.label,
             "data": dv.as_dict(), "spec": spec.model_dump(mode="json")}
     with mlflow.start_run(run_id=run_id):
+        # validate_serving_input=False: MLflow would load the logged model back and predict the example; the gate
+        # loads this version from the registry and scores it on the evaluation rows before anything serves it
         info = mlflow.pytorch.log_model(proba_model, name="model", input_example=example, signature=signature,
-                                        metadata=meta, serialization_format="pt2", pip_requirements=[])
+                                        metadata=meta, serialization_format="pt2", pip_requirements=[],
+                                        validate_serving_input=False)
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(detectors_dir, Path(tmp) / "detectors")
         c.log_model_artifacts(info.model_id, tmp)
