@@ -164,7 +164,7 @@ def replay_cmd(
     label_delay: int = typer.Option(0, "--label-delay", min=0, help="send a row's label once this many later rows were answered"),
     url: str = typer.Option("http://127.0.0.1:8000", "--url", envvar="DRIFTLOOP_SERVE_URL"),
     seed: int = typer.Option(0, "--seed"),
-    batch: int = typer.Option(1, "--batch", min=1, max=256, help="rows per /predict request (each row is labelled under its own id)"),
+    batch: int = typer.Option(1, "--batch", min=1, max=256, help="rows per /predict request (each row is labelled under its own id; the labels an answer makes due go to /feedback as one batch)"),
     spec: Optional[Path] = typer.Option(None, "--spec", help="with --from: the app's spec (default configs/APP.yaml)"),
 ) -> None:
     """Send real HTTP traffic, from the examples (with a corruption from the first row) or from your own file in

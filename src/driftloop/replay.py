@@ -12,6 +12,7 @@ import pandas as pd
 
 from driftloop.data import examples
 from driftloop.features import json_value
+from driftloop.serving.validation import MAX_LABELS_PER_REQUEST
 
 
 class ScenarioError(ValueError):
@@ -115,10 +116,20 @@ async def replay_async(
 
     waiting: dict[int, str] = {}  # answered rows whose label is not sent yet (label_delay)
 
-    async def label(client: httpx.AsyncClient, i: int, rid: str) -> None:
-        fr = await client.post(f"{base}/feedback", json={"request_id": rid, "label": _plain(ys[i], regression)})
-        if fr.status_code == 200:
-            rep.labelled += 1
+    async def label(client: httpx.AsyncClient, due: list[tuple[int, str]]) -> None:
+        """The labels now due: one request for one, else batches of up to MAX_LABELS_PER_REQUEST (each label
+        gets its own status; a 200 counts, a repeat of the same label included)."""
+        if len(due) == 1:
+            (i, rid), = due
+            fr = await client.post(f"{base}/feedback", json={"request_id": rid, "label": _plain(ys[i], regression)})
+            rep.labelled += int(fr.status_code == 200)
+            return
+        for at in range(0, len(due), MAX_LABELS_PER_REQUEST):
+            part = due[at:at + MAX_LABELS_PER_REQUEST]
+            fr = await client.post(f"{base}/feedback", json={"labels": [
+                {"request_id": rid, "label": _plain(ys[i], regression)} for i, rid in part]})
+            if fr.status_code == 200:
+                rep.labelled += sum(1 for r in fr.json()["results"] if r["status"] == 200)
 
     async def one(client: httpx.AsyncClient, idx: range) -> None:
         async with sem:
@@ -139,6 +150,7 @@ async def replay_async(
             rep.ok += len(idx)
             v = int(data["model_version"])
             rep.versions[v] = rep.versions.get(v, 0) + len(idx)
+            due: list[tuple[int, str]] = []
             for j, i in enumerate(idx):
                 pred = data["predictions"][j]["prediction"]
                 if keep_responses:
@@ -151,12 +163,13 @@ async def replay_async(
                     if labels:
                         rid = data["request_id"] if batch == 1 else data["predictions"][j]["id"]
                         waiting[i] = rid
-                        due = [(k, waiting.pop(k)) for k in sorted(k for k in waiting if k <= i - label_delay)]
-                        for k, due_rid in due:  # taken out first: another answer's task must not send them too
-                            await label(client, k, due_rid)
+                        # taken out at once: another answer's task must not send them too
+                        due += [(k, waiting.pop(k)) for k in sorted(k for k in waiting if k <= i - label_delay)]
                 if on_response:
                     on_response(i, data if batch == 1 else {**data, "request_id": data["predictions"][j]["id"],
                                                            "predictions": [data["predictions"][j]]})
+            if due:  # a batch's labels as one request, as a labelling service would send them
+                await label(client, due)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
@@ -170,8 +183,8 @@ async def replay_async(
             tasks.append(asyncio.create_task(one(client, idx)))
             rep.sent += len(idx)
         await asyncio.gather(*tasks)
-        for k in sorted(waiting):  # the stream ended: the labels still owed
-            await label(client, k, waiting.pop(k))
+        if waiting:  # the stream ended: the labels still owed
+            await label(client, [(k, waiting.pop(k)) for k in sorted(waiting)])
     rep.seconds = time.monotonic() - t0
     return rep
 
