@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -31,7 +32,7 @@ def test_serve_refuses_without_champion_then_sweep_joins_the_running_head(tmp_pa
     import tempfile
 
     raytmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's unix sockets live under it (108-byte limit)
-    if not _free(DASHBOARD_PORT):
+    if not ports_free(DASHBOARD_PORT):
         pytest.skip(f"port {DASHBOARD_PORT} is taken (another Ray head runs here): this test needs a machine without one")
     # empty = unset for driftloop and Ray: no session cluster, tracking server or data root leaks in
     env = {"RAY_ADDRESS": "", "DRIFTLOOP_JOBS_ADDRESS": "", "MLFLOW_TRACKING_URI": "", "DRIFTLOOP_DATA_ROOT": "",
@@ -118,6 +119,17 @@ def _free(port: int) -> bool:
 
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def ports_free(*ports: int, wait: float = 60) -> bool:
+    """True once nothing listens on any of PORTS, within WAIT seconds: a head the test before stopped can leave
+    workers (the Serve proxy on 8000) that exit a few seconds after their raylet."""
+    deadline = time.monotonic() + wait
+    while not all(_free(p) for p in ports):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1)
+    return True
 
 
 def _ok(url: str) -> bool:

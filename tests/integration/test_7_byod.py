@@ -32,7 +32,7 @@ from deltalake import DeltaTable
 from driftloop.features import json_value
 
 from tests.integration.conftest import wait_for
-from tests.integration.test_0_newcomer import DASHBOARD_PORT, _free, _ok, start_head, stop_head
+from tests.integration.test_0_newcomer import DASHBOARD_PORT, _ok, ports_free, start_head, stop_head
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def start_user_head(env: dict[str, str], raytmp: Path, log: Path):
 
 
 def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
-    if not _free(DASHBOARD_PORT) or not _free(8000):
+    if not ports_free(DASHBOARD_PORT, 8000):
         pytest.skip(f"ports {DASHBOARD_PORT} and 8000 must be free (no other Ray head or Serve here)")
     work = tmp_path / "project"
     work.mkdir()

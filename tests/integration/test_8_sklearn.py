@@ -31,7 +31,7 @@ from deltalake import DeltaTable
 from driftloop.serving.haproxy import haproxy_env
 
 from tests.integration.conftest import wait_for
-from tests.integration.test_0_newcomer import DASHBOARD_PORT, _free, stop_head
+from tests.integration.test_0_newcomer import DASHBOARD_PORT, ports_free, stop_head
 from tests.integration.test_7_byod import _kill_leftovers, start_user_head, user_folder
 
 pytestmark = pytest.mark.slow
@@ -66,7 +66,7 @@ def _tables(folder: Path) -> dict[str, tuple[int, set[str]]]:
 def test_wine_and_diabetes_side_by_side_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
     """Two models of one user on one head, as a team runs them: both swept at once, the second `driftloop serve`
     keeps the first application running, both streams replayed at once, each retrained and swapped on its own."""
-    if not all(_free(p) for p in (DASHBOARD_PORT, 8000, 8404, 9101)):
+    if not ports_free(DASHBOARD_PORT, 8000, 8404, 9101):
         pytest.skip(f"ports {DASHBOARD_PORT}, 8000 and HAProxy's 8404 and 9101 must be free (no other Ray head or Serve here)")
     work = tmp_path / "project"
     work.mkdir()
