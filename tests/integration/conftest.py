@@ -4,7 +4,6 @@ one Serve application. Everything here is real: Ray, Ray Train/Tune, Serve over 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,13 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import ROOT, free_port  # noqa: F401 (the integration tests import it from here)
 
 
 def write_spec(path: Path, **overrides) -> Path:

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -124,12 +123,10 @@ def _free(port: int) -> bool:
 def ports_free(*ports: int, wait: float = 60) -> bool:
     """True once nothing listens on any of PORTS, within WAIT seconds: a head the test before stopped can leave
     workers (the Serve proxy on 8000) that exit a few seconds after their raylet."""
-    deadline = time.monotonic() + wait
-    while not all(_free(p) for p in ports):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(1)
-    return True
+    try:
+        return wait_for(lambda: all(_free(p) for p in ports), wait, every=1, what=f"ports {ports} to be free")
+    except AssertionError:
+        return False
 
 
 def _ok(url: str) -> bool:

@@ -11,6 +11,8 @@ from driftloop import job_sequences, jobs
 from driftloop.drift.policy import Trigger
 from driftloop.settings import Settings
 
+from tests.conftest import free_port
+
 T0 = 1_800_000_000.0
 
 
@@ -165,11 +167,7 @@ def test_error_lines_are_one_line():
 
 def test_a_jobs_api_nobody_answers_is_an_error_not_no_jobs():
     """Regression (defect 2): the Jobs API is the source of truth, so not reaching it is an error, never 'none'."""
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on: connection refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nothing listens on: connection refused
     view = jobs.JobsView("digits", address=f"http://127.0.0.1:{port}")
     with pytest.raises(jobs.RetrainPathDown, match=f"127.0.0.1:{port}"):
         view.refresh()

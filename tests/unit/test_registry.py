@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import sqlite3
 import threading
 
@@ -13,6 +12,8 @@ import pytest
 from driftloop import registry
 from driftloop.errors import LoopError
 from driftloop.settings import get_settings
+
+from tests.conftest import free_port
 
 
 def test_no_model_and_no_alias_read_as_no_champion(home):
@@ -33,9 +34,7 @@ def test_a_broken_registry_store_is_an_error_not_no_champion(home):
 
 
 def test_an_unreachable_tracking_server_is_an_error_not_no_champion(home, monkeypatch):
-    with socket.socket() as sock:                              # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     s = get_settings()

@@ -1,7 +1,7 @@
 import pytest
 
 from driftloop.replay import ScenarioError, parse_scenario, traffic
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli
 
 
 def test_scenarios():
@@ -31,7 +31,6 @@ def test_a_batched_replay_sends_each_answers_labels_as_one_request_and_counts_ea
     """Ten-row requests: each answer's ten labels go to /feedback as one batch (not ten requests), with delayed
     labels the ones still owed go at the end as one batch, and `labelled` counts the labels answered 200."""
     import asyncio
-    import socket
     import threading
     import time
 
@@ -56,9 +55,7 @@ def test_a_batched_replay_sends_each_answers_labels_as_one_request_and_counts_ea
         return {"results": [{"request_id": it["request_id"], "status": 404 if it["request_id"] == "r3" else 200}
                             for it in body["labels"]]}
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
