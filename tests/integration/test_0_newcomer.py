@@ -22,7 +22,7 @@ import yaml
 from tests.conftest import ROOT, run_cli
 from tests.integration.conftest import free_port, wait_for, write_spec
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
 DASHBOARD_PORT = 8265  # what `ray start` and `driftloop serve` use by default
 

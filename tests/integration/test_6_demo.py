@@ -8,9 +8,9 @@ import re
 import pytest
 
 from tests.conftest import run_cli
-from tests.integration.test_7_byod import _kill_leftovers
+from tests.integration.conftest import kill_leftovers
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
 PROGRESS = re.compile(r"^\[\d\d:\d\d:\d\d\] \S")             # [HH:MM:SS] what driftloop is doing
 SUMMARY = re.compile(r"^[a-z_][a-z_ ()]*[a-z)] {2,}\S")       # name    value
@@ -22,7 +22,7 @@ def test_demo_prints_only_its_own_lines_and_closes_the_loop(tmp_path):
     try:
         r = run_cli("demo", "--quick", "--out", str(tmp_path / "out"), env=env, timeout=1200)
     finally:  # a demo that fails mid-retrain leaves its job's processes (their own session) behind
-        _kill_leftovers(tmp_path / "home", below=True)
+        kill_leftovers(tmp_path / "home", below=True)
     print(r.stdout)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]

@@ -31,10 +31,10 @@ from deltalake import DeltaTable
 
 from driftloop.features import json_value
 
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import kill_leftovers, wait_for
 from tests.integration.test_0_newcomer import DASHBOARD_PORT, _ok, ports_free, start_head, stop_head
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
 
 def _tables(folder: Path) -> None:
@@ -148,21 +148,6 @@ def test_own_table_init_ingest_sweep_serve_drift_retrain_swap(tmp_path):
         assert "SUCCEEDED" in st.stdout and f"live: serving v{swapped['model_version']}" in st.stdout
     finally:
         stop_head(head)
-        _kill_leftovers(work / ".driftloop")
+        kill_leftovers(work / ".driftloop")
         shutil.rmtree(raytmp, ignore_errors=True)
 
-
-def _kill_leftovers(home: Path, below: bool = False) -> None:
-    """A job's entrypoint runs in its own session and can outlive the head that started it: end every process of
-    this test (by its DRIFTLOOP_HOME, or with `below` any home under it), so none keeps a core busy for the tests
-    after this one."""
-    import psutil
-
-    time.sleep(1)
-    for p in psutil.process_iter():
-        try:
-            h = p.environ().get("DRIFTLOOP_HOME") or ""
-            if (h == str(home) or (below and h.startswith(f"{home}/"))) and p.pid != os.getpid():
-                p.kill()
-        except (psutil.Error, OSError):
-            continue

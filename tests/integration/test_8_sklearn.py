@@ -30,11 +30,11 @@ from deltalake import DeltaTable
 
 from driftloop.serving.haproxy import haproxy_env
 
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import kill_leftovers, wait_for
 from tests.integration.test_0_newcomer import DASHBOARD_PORT, ports_free, stop_head
-from tests.integration.test_7_byod import _kill_leftovers, start_user_head, user_folder
+from tests.integration.test_7_byod import start_user_head, user_folder
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
 SHIFTED = ["bmi", "bp", "s5"]
 
@@ -106,7 +106,7 @@ def test_wine_and_diabetes_side_by_side_init_ingest_sweep_serve_drift_retrain_sw
                 p.kill()
             except psutil.Error:
                 pass
-        _kill_leftovers(home)
+        kill_leftovers(home)
         shutil.rmtree(raytmp, ignore_errors=True)
 
 
