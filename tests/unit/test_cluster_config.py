@@ -1,7 +1,11 @@
-"""The cloud cluster files: Ray's own validator for cluster.yaml; KubeRay manifests match the Serve config."""
+"""The cloud cluster files: Ray's own validator for cluster.yaml and its MLflow server run here; the KubeRay manifests
+match the Serve config, give every pod the head's environment, and pull the image the Dockerfile builds."""
 
+import os
+import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT
@@ -117,3 +121,151 @@ def test_driftloop_haproxy_keeps_rays_haproxy_config_on_loopback(monkeypatch, tm
     monkeypatch.setenv("DRIFTLOOP_HAPROXY_BINARY", "/opt/own/haproxy")                # a binary you chose yourself
     haproxy.main(args)
     assert ran[1][0] == "/opt/own/haproxy"
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (KEYWORD, arguments), continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    steps = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, args = line.partition(" ")
+            steps.append((keyword.upper(), args.strip()))
+    return steps
+
+
+def test_the_dockerfile_installs_what_make_installs_and_the_manifests_name_its_image():
+    """No container tool runs here, so the image is checked against its sources: the Python pyproject.toml asks
+    for, the torch it pins (from the CPU index), the project installed from the same pyproject.toml as `make setup`,
+    every file the manifests run copied in, a non-root user, and the image name the manifests pull."""
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    steps = _dockerfile()
+    base = next(a for k, a in steps if k == "FROM")
+    python = re.match(r"python:(\d+\.\d+)", base).group(1)
+    assert f"{python}.0" in SpecifierSet(project["requires-python"]), (base, project["requires-python"])
+    runs = " && ".join(a for k, a in steps if k == "RUN")
+    torch_pin = next(d for d in project["dependencies"] if d.startswith("torch=="))
+    assert f"--index-url https://download.pytorch.org/whl/cpu {torch_pin}" in runs, runs
+    make = (ROOT / "Makefile").read_text()
+    assert "pip install -q -e '.[dev]'" in make  # make: the project from this pyproject.toml, editable, with test tools
+    assert re.search(r"pip install --no-cache-dir \.(\s|$)", runs), runs  # the image: the same project, no test tools
+    # what is copied in: the build's inputs and every path the manifests and the Serve config run from
+    copied = {src for k, a in steps if k == "COPY" for src in a.split()[:-1] if not src.startswith("--")}
+    ignored = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip()}
+    assert {"pyproject.toml", project["readme"], "src"} <= copied and not copied & ignored
+    assert all((ROOT / src).exists() for src in copied), copied
+    job = yaml.safe_load((ROOT / "deploy/kuberay/rayjob-sweep.yaml").read_text())
+    needed = [p for p in job["spec"]["entrypoint"].split() if "/" in p]
+    service = yaml.safe_load((ROOT / "deploy/kuberay/rayservice.yaml").read_text())
+    needed += [a["args"]["spec"] for a in yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]]
+    assert all(Path(p).parts[0] in copied for p in needed), (needed, copied)
+    user = [a for k, a in steps if k == "USER"]
+    assert user and user[-1] not in ("root", "0")
+    images = set(re.findall(r"image:\s*(\S+)", (ROOT / "deploy/kuberay/rayservice.yaml").read_text()
+                            + (ROOT / "deploy/kuberay/rayjob-sweep.yaml").read_text()))
+    assert images == {f"ghcr.io/driftloop/driftloop:{project['version']}"}, images
+
+
+def _containers(manifest: dict) -> list[dict]:
+    cluster = manifest["spec"].get("rayClusterConfig") or manifest["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def test_every_pod_of_the_manifests_gets_the_heads_environment_and_the_images_workdir():
+    """Replicas and trials land on worker pods: each pod needs the data root, the tracking URI and Ray's token
+    mode, and every pod of the RayService the admin token (a replica on a worker pod answered admin calls 403)."""
+    workdir = next(a for k, a in _dockerfile() if k == "WORKDIR")
+    for name in ("rayservice", "rayjob-sweep"):
+        containers = _containers(yaml.safe_load((ROOT / f"deploy/kuberay/{name}.yaml").read_text()))
+        assert len(containers) >= 2
+        envs = [{e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])} for c in containers]
+        assert all(e == envs[0] for e in envs), (name, envs)
+        assert {"RAY_AUTH_MODE", "DRIFTLOOP_DATA_ROOT", "MLFLOW_TRACKING_URI"} <= set(envs[0]), name
+        if name == "rayservice":
+            assert envs[0]["DRIFTLOOP_ADMIN_TOKEN"] == {"secretKeyRef": {"name": "driftloop-admin", "key": "token"}}
+        assert {c.get("workingDir") for c in containers} == {workdir}, name
+
+
+@pytest.mark.slow
+def test_cluster_yamls_mlflow_server_answers_only_with_credentials_and_keeps_secrets_off_its_command_line(
+        tmp_path, monkeypatch):
+    """cluster.yaml's own head commands, run here by bash: Secrets Manager is a stand-in `aws`, Postgres is sqlite
+    and S3 a folder (the only substitutions). The server binds the head's address only, answers nothing without
+    credentials, serves driftloop's registry calls with them, and no secret is on a command line."""
+    import stat
+    import subprocess
+    import sys
+
+    import httpx
+    import psutil
+
+    from driftloop import registry
+    from driftloop.settings import get_settings
+    from tests.conftest import free_port
+    from tests.integration.conftest import wait_for
+
+    secrets = {"driftloop/mlflow-db": "db-Secret-1", "driftloop/mlflow-admin": "admin-Secret-2",
+               "driftloop/mlflow-flask-key": "flask-Secret-3"}
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    aws = bin_ / "aws"  # `aws secretsmanager get-secret-value --secret-id ID --query SecretString --output text`
+    aws.write_text("#!/bin/sh\n" + "".join(f'[ "$4" = "{k}" ] && echo "{v}"\n' for k, v in secrets.items()))
+    aws.chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir()
+    port = free_port()
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    script = "\n".join(cfg["head_setup_commands"])
+    script = re.sub(r"postgresql://mlflow:\$\([^)]*\)@YOUR-RDS-HOST:5432/(\w+)", rf"sqlite:///{tmp_path}/\1.db", script)
+    script = (script.replace("s3://YOUR-BUCKET/driftloop/mlflow", str(tmp_path / "artifacts"))
+              .replace("~/driftloop/.venv/bin/mlflow", str(Path(sys.executable).with_name("mlflow")))
+              .replace("--port 5000", f"--port {port}").replace("hostname -I", "echo 127.0.0.1"))
+    env = {**os.environ, "HOME": str(home), "PATH": f"{bin_}:{os.environ['PATH']}"}
+    started = subprocess.run(["bash", "-c", script], env=env, cwd=home, capture_output=True, text=True, timeout=60)
+    assert started.returncode == 0, started.stderr
+    url = f"http://127.0.0.1:{port}"
+    try:
+        log = home / "mlflow.log"
+        try:
+            wait_for(lambda: log.exists() and _answers(f"{url}/health"), 120, what="the MLflow server")
+        except AssertionError:
+            raise AssertionError("the MLflow server did not answer: " + log.read_text()[-1500:]) from None
+        ini = home / ".mlflow" / "basic_auth.ini"
+        assert stat.S_IMODE(ini.stat().st_mode) == 0o600
+        server = [p for p in psutil.process_iter(["cmdline"]) if "--app-name" in (p.info["cmdline"] or [])]
+        assert server, "no mlflow server process"
+        for p in server:
+            line = " ".join(p.info["cmdline"])
+            assert not any(s in line for s in secrets.values()), line
+            listening = {c.laddr.ip for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+            assert listening <= {"127.0.0.1"}, listening  # the head's address (here 127.0.0.1), never 0.0.0.0
+        bare = httpx.get(f"{url}/api/2.0/mlflow/registered-models/search", timeout=10)
+        assert bare.status_code == 401, bare.text
+        monkeypatch.setenv("DRIFTLOOP_HOME", str(tmp_path / "client"))
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+        with pytest.raises(registry.RegistryUnavailable, match="401|Unauthorized|credentials"):
+            registry.champion_version(get_settings(), "digits")  # refused: an error, never "no champion"
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secrets["driftloop/mlflow-admin"])
+        assert registry.champion_version(get_settings(), "digits") is None  # answered: no such model yet
+    finally:
+        for p in psutil.process_iter(["cmdline"]):
+            if str(port) in " ".join(p.info["cmdline"] or []) and "mlflow" in " ".join(p.info["cmdline"] or []):
+                p.kill()
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code in (200, 401)
+    except httpx.HTTPError:
+        return False
