@@ -13,14 +13,11 @@ API takes them, and `/drift` and `driftloop status` say that the path is failing
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shlex
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from driftloop.config import Spec
@@ -165,7 +162,7 @@ class JobTracker(JobsView):
 
     def _entrypoint(self, sid: str, meta: dict[str, str]) -> str:
         """The job's command line (its reason JSON-quoted, as `retrain.main` reads it)."""
-        args = [sys.executable, "-m", "driftloop.retrain", "--config", str(self._spec_file()), "--job-id", sid,
+        args = [sys.executable, "-m", "driftloop.retrain", "--config", self._spec_json(), "--job-id", sid,
                 "--reason", json.dumps(meta["reason"])]
         if meta.get("event_id"):
             args += ["--drift-event", meta["event_id"]]
@@ -173,16 +170,10 @@ class JobTracker(JobsView):
             args += ["--cause", meta["cause"]]
         return " ".join(shlex.quote(a) for a in args)
 
-    def _spec_file(self) -> Path:
-        """The spec the job reads, named by its content: trackers with different specs never overwrite each other's."""
-        text = json.dumps(self.spec.model_dump(mode="json"), sort_keys=True)
-        path = self.settings.state_dir / "specs" / f"{self.model}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
-        return path
+    def _spec_json(self) -> str:
+        """The spec itself, as JSON, for the job's command line: the job may run on a node that has no copy of any
+        file of this one (a spec file under this node's DRIFTLOOP_HOME was not found on a worker node)."""
+        return json.dumps(self.spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
     # --- following the jobs ------------------------------------------------------------------------------
     def tick(self, max_age_s: float = 0.0) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from driftloop.config import Spec, load_spec
+from driftloop.config import Spec, SpecError, load_spec, parse_spec
 from driftloop.errors import LoopError
 from driftloop.settings import Settings, get_settings
 
@@ -217,16 +217,28 @@ def train_and_gate(spec: Spec, settings: Settings, dv, hp: dict[str, Any], run_n
     return {"run_id": rid, **out}
 
 
+def spec_argument(value: str) -> Spec:
+    """--config: the spec itself as JSON (from driftloop's job tracker), else a spec file."""
+    if value.lstrip().startswith("{"):
+        try:
+            data = json.loads(value)
+        except ValueError as err:
+            raise SpecError(f"--config: not valid JSON: {err}") from None
+        return parse_spec(data, "--config")
+    return load_spec(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="jobs/retrain.py", description="Retrain a model on its newest data version, gate, promote.")
-    p.add_argument("--config", required=True, help="model spec (YAML or JSON)")
+    p.add_argument("--config", required=True, help="model spec: a YAML or JSON file, or the spec itself as JSON "
+                   "(what driftloop's job tracker passes, so that the job needs no file of the node that submitted it)")
     p.add_argument("--job-id", default=os.environ.get("RAY_JOB_SUBMISSION_ID") or f"manual-{int(time.time())}")
     p.add_argument("--reason", default="manual")
     p.add_argument("--drift-event", default=None)
     p.add_argument("--cause", default="", help='what caused the trigger: "drift event ID", "labels", "accuracy floor", "manual", "data version N"')
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    spec = load_spec(a.config)
+    spec = spec_argument(a.config)
     reason = a.reason
     try:
         reason = json.loads(reason) if reason.startswith('"') else reason
