@@ -175,14 +175,15 @@ def start_mlflow_server(port: int, backend: str, artifacts: Path) -> subprocess.
                               "--backend-store-uri", backend, "--artifacts-destination", str(artifacts), "--workers", "1"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: server.poll() is None and _healthy(f"http://127.0.0.1:{port}/health"), 90, what="mlflow server")
+        wait_for(lambda: server.poll() is None and answers_200(f"http://127.0.0.1:{port}/health"), 90, what="mlflow server")
     except BaseException:
         server.terminate()
         raise
     return server
 
 
-def _healthy(url: str) -> bool:
+def answers_200(url: str) -> bool:
+    """GET URL answers 200 within 2 s (a server that is up)."""
     import httpx
 
     try:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, run_cli
-from tests.integration.conftest import free_port, wait_for, write_spec
+from tests.integration.conftest import answers_200, free_port, wait_for, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
@@ -68,7 +68,7 @@ def test_serve_refuses_without_champion_then_sweep_joins_the_running_head(tmp_pa
     try:
         dash = f"http://127.0.0.1:{DASHBOARD_PORT}"
         try:
-            wait_for(lambda: (raytmp / "ray" / "ray_current_cluster").exists() and _ok(f"{dash}/api/version"), 120,
+            wait_for(lambda: (raytmp / "ray" / "ray_current_cluster").exists() and answers_200(f"{dash}/api/version"), 120,
                      what="the local head")
         except AssertionError:
             raise AssertionError("the local head did not come up: " + (tmp_path / "head.log").read_text()[-2000:]) from None
@@ -126,11 +126,4 @@ def ports_free(*ports: int, wait: float = 60) -> bool:
     try:
         return wait_for(lambda: all(_free(p) for p in ports), wait, every=1, what=f"ports {ports} to be free")
     except AssertionError:
-        return False
-
-
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
         return False

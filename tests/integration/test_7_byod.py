@@ -31,8 +31,8 @@ from deltalake import DeltaTable
 
 from driftloop.features import json_value
 
-from tests.integration.conftest import kill_leftovers, wait_for
-from tests.integration.test_0_newcomer import DASHBOARD_PORT, _ok, ports_free, start_head, stop_head
+from tests.integration.conftest import answers_200, kill_leftovers, wait_for
+from tests.integration.test_0_newcomer import DASHBOARD_PORT, ports_free, start_head, stop_head
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
@@ -81,7 +81,7 @@ def user_folder(work: Path, raytmp: Path) -> tuple[dict[str, str], Callable[...,
 def start_user_head(env: dict[str, str], raytmp: Path, log: Path):
     """`ray start` a local head for the user's folder and wait until its dashboard answers."""
     head = start_head(env, log, cpus=3)
-    wait_for(lambda: (raytmp / "ray" / "ray_current_cluster").exists() and _ok(f"http://127.0.0.1:{DASHBOARD_PORT}/api/version"),
+    wait_for(lambda: (raytmp / "ray" / "ray_current_cluster").exists() and answers_200(f"http://127.0.0.1:{DASHBOARD_PORT}/api/version"),
              120, what="the local head")
     return head
 

@@ -208,7 +208,7 @@ def test_cluster_yamls_mlflow_server_answers_only_with_credentials_and_keeps_sec
     from driftloop import registry
     from driftloop.settings import get_settings
     from tests.conftest import free_port
-    from tests.integration.conftest import wait_for
+    from tests.integration.conftest import answers_200, wait_for
 
     secrets = {"driftloop/mlflow-db": "db-Secret-1", "driftloop/mlflow-admin": "admin-Secret-2",
                "driftloop/mlflow-flask-key": "flask-Secret-3"}
@@ -233,7 +233,7 @@ def test_cluster_yamls_mlflow_server_answers_only_with_credentials_and_keeps_sec
     try:
         log = home / "mlflow.log"
         try:
-            wait_for(lambda: log.exists() and _answers(f"{url}/health"), 120, what="the MLflow server")
+            wait_for(lambda: log.exists() and answers_200(f"{url}/health"), 120, what="the MLflow server")
         except AssertionError:
             raise AssertionError("the MLflow server did not answer: " + log.read_text()[-1500:]) from None
         ini = home / ".mlflow" / "basic_auth.ini"
@@ -261,11 +261,3 @@ def test_cluster_yamls_mlflow_server_answers_only_with_credentials_and_keeps_sec
             if str(port) in " ".join(p.info["cmdline"] or []) and "mlflow" in " ".join(p.info["cmdline"] or []):
                 p.kill()
 
-
-def _answers(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(url, timeout=2).status_code in (200, 401)
-    except httpx.HTTPError:
-        return False
