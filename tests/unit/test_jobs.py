@@ -175,21 +175,20 @@ def test_a_jobs_api_nobody_answers_is_an_error_not_no_jobs():
     assert st["error"] and st["attempts"] == 1 and st["since"] and st["current"] is None
 
 
-def test_a_retraining_job_carries_its_spec_on_its_command_line_not_as_a_file_of_this_node(tmp_path):
+def test_a_retraining_job_carries_its_spec_on_its_command_line_not_as_a_file_of_this_node(home, tmp_path):
     """The job may run on another node, which has none of this node's DRIFTLOOP_HOME: the entrypoint holds the
     spec itself, and the job reads back the same spec from it."""
     import shlex
 
     from driftloop.config import load_spec
     from driftloop.retrain import spec_argument
+    from driftloop.settings import get_settings
 
     spec = load_spec(Path(__file__).resolve().parents[2] / "configs" / "digits.yaml")
-    settings = Settings(home=tmp_path / "home", data_root=str(tmp_path / "home" / "tables"),
-                        tracking_uri=f"sqlite:///{tmp_path}/home/mlflow.db", ray_address=None)
-    tracker = jobs.JobTracker(spec, settings)
+    tracker = jobs.JobTracker(spec, get_settings())
     trig = Trigger("drift in 2 of the last 3 windows", 1_700_000_000.0, 3)
     argv = shlex.split(tracker._entrypoint("driftloop-retrain-digits-v3-g0", meta(trig, 0)))
-    assert not any(str(tmp_path) in a for a in argv), argv
+    assert not any(str(home) in a for a in argv), argv
     config = argv[argv.index("--config") + 1]
     assert spec_argument(config) == spec
     with pytest.raises(ValueError, match="--config: not valid JSON"):
