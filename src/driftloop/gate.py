@@ -35,7 +35,7 @@ def decide(challenger: float, champion: float | None, min_improvement: float, ti
     carries the drift reference of the regime now served (`tie_promotes`): then the swap buys detectors that stop
     flagging traffic both models handle equally well.
     """
-    from driftloop.model import LOWER_IS_BETTER
+    from driftloop.scoring import LOWER_IS_BETTER
 
     if champion is None:
         return Decision(True, "first version", challenger, None)

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from driftloop.scoring import LOWER_IS_BETTER, label_score, predictions, scores  # noqa: F401 (their former home)
+
 
 def embedding_width(k: int) -> int:
     """fastai's rule of thumb for a categorical embedding's width, capped at 16."""
@@ -25,6 +27,10 @@ class MLPClassifier(nn.Module):
         from driftloop.config import EMBED_ABOVE
 
         super().__init__()
+        # the constructor's arguments: with the state dict they rebuild the model (registry.load_model's fast path)
+        self.arch = {"n_features": n_features, "n_classes": n_classes, "hidden": [int(h) for h in hidden],
+                     "dropout": float(dropout), "cardinalities": [int(k) for k in cardinalities or []] or None,
+                     "regression": bool(regression)}
         self.regression = regression
         if regression:  # only then: a classifier's checkpoint keeps the keys it always had
             self.register_buffer("target", torch.tensor([0.0, 1.0]))
@@ -113,29 +119,3 @@ def predict_outputs(model: nn.Module, x: np.ndarray, batch: int = 4096) -> np.nd
     """The outputs of a model in eval mode (an Outputs: class probabilities, or the predicted value) for raw rows."""
     out = [model(torch.as_tensor(np.asarray(x[i : i + batch], dtype=np.float32))).numpy() for i in range(0, len(x), batch)]
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
-
-
-def predictions(out: np.ndarray, spec) -> np.ndarray:
-    """What the model predicts per row: its most probable class, or (regression) the value."""
-    if spec.regression:
-        return np.asarray(out, dtype=np.float64).reshape(len(out), -1)[:, 0]
-    return np.asarray(spec.dataset.classes)[np.asarray(out).argmax(axis=1)]
-
-
-def scores(out: np.ndarray, y: np.ndarray, spec) -> dict[str, float]:
-    """The task's metrics of outputs against labels: accuracy, or rmse and mae (NaN with no rows)."""
-    if not len(y):
-        return {"rmse": float("nan"), "mae": float("nan")} if spec.regression else {"accuracy": float("nan")}
-    pred = predictions(out, spec)
-    if spec.regression:
-        err = pred - np.asarray(y, dtype=np.float64)
-        return {"rmse": float(np.sqrt(np.mean(err ** 2))), "mae": float(np.mean(np.abs(err)))}
-    return {"accuracy": float((pred == np.asarray(y)).mean())}
-
-
-def label_score(prediction, label, regression: bool) -> float:
-    """One labelled row, as rolling metrics count it: 1.0 when the class was right (else 0.0), or the absolute error."""
-    return abs(float(prediction) - float(label)) if regression else float(prediction == label)
-
-
-LOWER_IS_BETTER = {"rmse", "mae"}

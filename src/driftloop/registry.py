@@ -31,6 +31,7 @@ HISTORY_TAG = "champion_history"        # legacy: one JSON list, read-modify-wri
 EVENT_PREFIX = HISTORY_TAG + "."        # one registered-model tag per alias move: `champion_history.<ms>-<hex>`
 HISTORY_MAX = 50
 ARCHIVED_TAG = "driftloop.archived"     # model-version tag: the ISO UTC time the version was archived
+WEIGHTS = "weights/model.pt"            # a version's state dict and constructor arguments, beside its export archive
 
 
 def configure(settings: Settings) -> None:
@@ -100,7 +101,9 @@ def register_bundle(
     settings: Settings, spec: Spec, classifier, detectors_dir: Path, dv: DataVersion, run_id: str,
     metrics: dict[str, float], extra_tags: dict[str, str] | None = None,
 ) -> Bundle:
-    """Log the model once (torch.export format) with its detectors as artifacts of the same model, and register it."""
+    """Log the model once (torch.export format) with its detectors as artifacts of the same model, and register it.
+    Its weights go beside them (`weights/model.pt`: the state dict and the constructor's arguments, tensors and
+    plain values only), which is what driftloop itself loads: see load_model."""
     import mlflow
     import mlflow.pytorch
     from mlflow.models import infer_signature
@@ -122,6 +125,7 @@ def register_bundle(
                                         validate_serving_input=False)
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(detectors_dir, Path(tmp) / "detectors")
+        save_weights(classifier, Path(tmp))
         c.log_model_artifacts(info.model_id, tmp)
     tags = {
         "data.uri": dv.uri, "data.version": str(dv.version), "data.digest": dv.digest, "data.rows": str(dv.rows),
@@ -194,8 +198,29 @@ def _load_version(settings: Settings, name: str, version: int):
         return load_model(download(settings, name, version, tmp))
 
 
+def save_weights(classifier, folder: Path) -> None:
+    """FOLDER/weights/model.pt: the classifier's state dict and constructor arguments (tensors and plain values)."""
+    import torch
+
+    (folder / WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"arch": classifier.arch, "state": classifier.state_dict()}, folder / WEIGHTS)
+
+
 def load_model(path: str | Path):
-    """Load a downloaded model (torch.export archive; MLflow refuses pickle payloads in it)."""
+    """Load a downloaded model: from its weights (torch.load with weights_only, no pickle) where the version has
+    them, else from its torch.export archive through MLflow (versions registered before the weights were logged).
+    Both give the same outputs; loading an export archive imports torch's compiler stack (torch._dynamo), ~3 s of
+    CPU and ~100 MiB per process, which every replica start, swap and gate paid."""
+    weights = Path(path) / WEIGHTS
+    if weights.is_file():
+        import torch
+
+        from driftloop.model import MLPClassifier, Outputs
+
+        saved = torch.load(weights, weights_only=True)
+        model = MLPClassifier(**saved["arch"])
+        model.load_state_dict(saved["state"])
+        return Outputs(model).eval()
     import mlflow.pytorch
 
     return mlflow.pytorch.load_model(str(path))

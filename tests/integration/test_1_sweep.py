@@ -43,6 +43,7 @@ def test_digits_sweep_tracks_registers_and_promotes(trained, settings):
     manifest = json.loads((path / "detectors" / "detectors.json").read_text())
     assert [d["kind"] for d in manifest["detectors"]] == [d.kind for d in spec.drift.detectors]
     assert (path / "MLmodel").is_file() and (path / "data" / "model.pt2").is_file()  # torch.export, no pickle
+    assert (path / registry.WEIGHTS).is_file()  # what driftloop loads: the state dict, beside the archive
 
 
 def test_registered_model_and_detectors_load_back_identically(trained, settings):
@@ -55,7 +56,8 @@ def test_registered_model_and_detectors_load_back_identically(trained, settings)
 
     spec, o = trained
     registry.configure(settings)
-    by_alias = mlflow.pytorch.load_model("models:/digits@champion")
+    by_alias = mlflow.pytorch.load_model("models:/digits@champion")  # MLflow's own load: the export archive
+    # driftloop's own load: the weights beside the archive
     by_version = registry.load_model(registry.download(settings, "digits", o.version))
     splits = load_splits(spec, o.data)
     p1, p2 = predict_outputs(by_alias, splits.x_test), predict_outputs(by_version, splits.x_test)

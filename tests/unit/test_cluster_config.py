@@ -195,9 +195,10 @@ def test_every_pod_of_the_manifests_gets_the_heads_environment_and_the_images_wo
 @pytest.mark.slow
 def test_cluster_yamls_mlflow_server_answers_only_with_credentials_and_keeps_secrets_off_its_command_line(
         tmp_path, monkeypatch):
-    """cluster.yaml's own head commands, run here by bash: Secrets Manager is a stand-in `aws`, Postgres is sqlite
-    and S3 a folder (the only substitutions). The server binds the head's address only, answers nothing without
-    credentials, serves driftloop's registry calls with them, and no secret is on a command line."""
+    """cluster.yaml's own head commands, run here by bash: Secrets Manager is a stand-in `aws`, Postgres is sqlite,
+    S3 a folder, and the server runs one worker, not four (2 cores here). The server binds the head's address only,
+    answers nothing without credentials, serves driftloop's registry calls with them, and no secret is on a command
+    line."""
     import stat
     import subprocess
     import sys
@@ -225,7 +226,7 @@ def test_cluster_yamls_mlflow_server_answers_only_with_credentials_and_keeps_sec
     script = re.sub(r"postgresql://mlflow:\$\([^)]*\)@YOUR-RDS-HOST:5432/(\w+)", rf"sqlite:///{tmp_path}/\1.db", script)
     script = (script.replace("s3://YOUR-BUCKET/driftloop/mlflow", str(tmp_path / "artifacts"))
               .replace("~/driftloop/.venv/bin/mlflow", str(Path(sys.executable).with_name("mlflow")))
-              .replace("--port 5000", f"--port {port}").replace("hostname -I", "echo 127.0.0.1"))
+              .replace("--port 5000", f"--port {port} --workers 1").replace("hostname -I", "echo 127.0.0.1"))
     env = {**os.environ, "HOME": str(home), "PATH": f"{bin_}:{os.environ['PATH']}"}
     started = subprocess.run(["bash", "-c", script], env=env, cwd=home, capture_output=True, text=True, timeout=60)
     assert started.returncode == 0, started.stderr

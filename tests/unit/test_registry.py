@@ -184,3 +184,31 @@ def test_commands_started_together_on_a_fresh_folder_share_one_new_store(home, t
     out = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [e[-400:] for _, e in out]
     assert registry.champion_version(get_settings(), "none") is None
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_a_versions_weights_load_back_to_the_same_outputs_without_pickle(tmp_path, regression):
+    """What replicas and the gate load (registry.load_model): the state dict and constructor arguments logged beside
+    the export archive, read with torch.load(weights_only=True); same outputs as the model that was registered,
+    gaps, an unseen category and embedded categories included."""
+    import numpy as np
+    import torch
+
+    from driftloop.model import Outputs, build_model, predict_outputs
+
+    rng = np.random.default_rng(0)
+    card = [0, 0, 3, 40]  # two numbers, one one-hot coded category, one embedded
+    model = build_model(4, 1 if regression else 3, [16, 8], 0.2, card, regression)
+    x = np.column_stack([rng.normal(5, 2, 300), rng.normal(-1, 9, 300), rng.integers(0, 3, 300), rng.integers(0, 40, 300)])
+    model.set_standardisation(x)
+    if regression:
+        model.set_target_standardisation(rng.normal(150, 60, 300))
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    registry.save_weights(model, tmp_path)
+    x[::7, 0] = np.nan
+    x[1, 2] = -1  # a category the model never saw
+    loaded = registry.load_model(tmp_path)
+    np.testing.assert_array_equal(predict_outputs(loaded, x.astype(np.float32)),
+                                  predict_outputs(Outputs(model).eval(), x.astype(np.float32)))
+    assert torch.load(tmp_path / registry.WEIGHTS, weights_only=True)["arch"]["cardinalities"] == card

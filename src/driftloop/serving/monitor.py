@@ -12,7 +12,7 @@ from ray import serve
 
 from driftloop.config import Spec
 from driftloop.drift.core import MonitorCore
-from driftloop.model import predictions
+from driftloop.scoring import predictions
 from driftloop.serving.common import (HEALTH_CHECK_PERIOD_S, KNOWN_IDS, LOG_FLUSH_S, NEW_DATA_CHECK_S, POLL_S, ChampionWatcher,
                                       PollLoops, _app_name, log)
 from driftloop.serving.limits import BoundedMap

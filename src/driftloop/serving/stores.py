@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from driftloop.model import label_score
+from driftloop.scoring import label_score
 from driftloop.serving import ids as request_ids
 from driftloop.serving.common import FRESH_ID_S, KNOWN_IDS, LABEL_COVER_MARGIN_S, LOG_BUFFER_ROWS, log
 from driftloop.serving.limits import BoundedMap, Coalescer, trim_oldest

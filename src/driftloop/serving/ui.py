@@ -58,7 +58,7 @@ def _data_ref(data: str) -> tuple[str, int | None]:
 def drift_settings(spec) -> dict[str, Any]:
     """The spec's drift settings the page draws with (a detector's own threshold in /drift wins over p_val), and
     the gate's metric (the page scales and signs the gate scores by it: accuracy, or an error where lower wins)."""
-    from driftloop.model import LOWER_IS_BETTER
+    from driftloop.scoring import LOWER_IS_BETTER
 
     d = spec.drift
     return {"p_val": d.p_val, "window": d.window, "history": d.history, "gate_metric": spec.gate_metric,
