@@ -207,10 +207,10 @@ def save_weights(classifier, folder: Path) -> None:
 
 
 def load_model(path: str | Path):
-    """Load a downloaded model: from its weights (torch.load with weights_only, no pickle) where the version has
-    them, else from its torch.export archive through MLflow (versions registered before the weights were logged).
-    Both give the same outputs; loading an export archive imports torch's compiler stack (torch._dynamo), ~3 s of
-    CPU and ~100 MiB per process, which every replica start, swap and gate paid."""
+    """Load a downloaded model: from its weights where the version has them (torch.load with weights_only: tensors
+    and plain values, never arbitrary objects), else from its torch.export archive through MLflow (versions
+    registered before the weights were logged). Both give the same outputs; loading an export archive imports
+    torch's compiler stack (torch._dynamo), ~3 s of CPU per process, which every replica start, swap and gate paid."""
     weights = Path(path) / WEIGHTS
     if weights.is_file():
         import torch

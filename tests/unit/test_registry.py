@@ -187,7 +187,7 @@ def test_commands_started_together_on_a_fresh_folder_share_one_new_store(home, t
 
 
 @pytest.mark.parametrize("regression", [False, True])
-def test_a_versions_weights_load_back_to_the_same_outputs_without_pickle(tmp_path, regression):
+def test_a_versions_weights_load_back_to_the_same_outputs(tmp_path, regression):
     """What replicas and the gate load (registry.load_model): the state dict and constructor arguments logged beside
     the export archive, read with torch.load(weights_only=True); same outputs as the model that was registered,
     gaps, an unseen category and embedded categories included."""
