@@ -3,6 +3,8 @@ standardisation, one-hot or embedded categories), so it takes the feature matrix
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -112,6 +114,20 @@ def build_model(n_features: int, n_classes: int, hidden: list[int], dropout: flo
 def spec_model(spec, hidden: list[int], dropout: float) -> MLPClassifier:
     """The spec's model (task, features, categories) with these hyperparameters, untrained."""
     return build_model(spec.n_features, spec.n_classes, hidden, dropout, spec.dataset.cardinalities, spec.regression)
+
+
+def save_weights(classifier: MLPClassifier, file: Path) -> None:
+    """FILE: the classifier's state dict and constructor arguments (tensors and plain values only)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"arch": classifier.arch, "state": classifier.state_dict()}, file)
+
+
+def load_weights(file: Path) -> Outputs:
+    """The registered model (an Outputs in eval mode) from save_weights' FILE, read with torch.load(weights_only=True)."""
+    saved = torch.load(file, weights_only=True)
+    model = MLPClassifier(**saved["arch"])
+    model.load_state_dict(saved["state"])
+    return Outputs(model).eval()
 
 
 @torch.no_grad()

@@ -108,7 +108,7 @@ def register_bundle(
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
-    from driftloop.model import Outputs, predict_outputs
+    from driftloop.model import Outputs, predict_outputs, save_weights
 
     configure(settings)
     c = client(settings)
@@ -125,7 +125,7 @@ def register_bundle(
                                         validate_serving_input=False)
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(detectors_dir, Path(tmp) / "detectors")
-        save_weights(classifier, Path(tmp))
+        save_weights(classifier, Path(tmp) / WEIGHTS)
         c.log_model_artifacts(info.model_id, tmp)
     tags = {
         "data.uri": dv.uri, "data.version": str(dv.version), "data.digest": dv.digest, "data.rows": str(dv.rows),
@@ -198,29 +198,15 @@ def _load_version(settings: Settings, name: str, version: int):
         return load_model(download(settings, name, version, tmp))
 
 
-def save_weights(classifier, folder: Path) -> None:
-    """FOLDER/weights/model.pt: the classifier's state dict and constructor arguments (tensors and plain values)."""
-    import torch
-
-    (folder / WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"arch": classifier.arch, "state": classifier.state_dict()}, folder / WEIGHTS)
-
-
 def load_model(path: str | Path):
     """Load a downloaded model: from its weights where the version has them (torch.load with weights_only: tensors
     and plain values, never arbitrary objects), else from its torch.export archive through MLflow (versions
     registered before the weights were logged). Both give the same outputs; loading an export archive imports
     torch's compiler stack (torch._dynamo), ~3 s of CPU per process, which every replica start, swap and gate paid."""
-    weights = Path(path) / WEIGHTS
-    if weights.is_file():
-        import torch
+    if (Path(path) / WEIGHTS).is_file():
+        from driftloop.model import load_weights
 
-        from driftloop.model import MLPClassifier, Outputs
-
-        saved = torch.load(weights, weights_only=True)
-        model = MLPClassifier(**saved["arch"])
-        model.load_state_dict(saved["state"])
-        return Outputs(model).eval()
+        return load_weights(Path(path) / WEIGHTS)
     import mlflow.pytorch
 
     return mlflow.pytorch.load_model(str(path))
