@@ -15,7 +15,7 @@ data_app = typer.Typer(help="Versioned data: Delta tables, one version per appen
 
 def _spec_for(table: str, spec_path: Optional[Path], source: str):
     from driftloop.config import load_spec
-    from driftloop.errors import UserError
+    from driftloop.errors import LoopError
 
     if spec_path is not None:
         return load_spec(spec_path)
@@ -23,7 +23,7 @@ def _spec_for(table: str, spec_path: Optional[Path], source: str):
     for candidate in (Path("configs") / f"{table}.yaml", Path("configs") / f"{name}.yaml"):
         if candidate.is_file():
             return load_spec(candidate)
-    raise UserError(f"no spec for table {table!r}: pass --spec configs/<name>.yaml")
+    raise LoopError(f"no spec for table {table!r}: pass --spec configs/<name>.yaml")
 
 
 def _data_table(table: str) -> str:

@@ -117,6 +117,8 @@ def test_cli_unknown_source_and_table(home):
     assert r.returncode == 2 and "no such file" in r.stderr
     r = run_cli("data", "versions", "nothing")
     assert r.returncode == 2 and "no Delta table" in r.stderr
+    r = run_cli("data", "ingest", "nowhere.csv", "--table", "nosuch")  # no configs/nosuch.yaml: say what to pass
+    assert r.returncode == 2 and r.stderr.strip() == "error: no spec for table 'nosuch': pass --spec configs/<name>.yaml", r.stderr
 
 
 def test_cli_unknown_model_is_one_line(home):

@@ -15,6 +15,18 @@ class TableError(RuntimeError):
     """A table operation that failed; nothing was written."""
 
 
+def store_error(err: BaseException) -> str:
+    """A Delta/object-store error as one line: deltalake chains its causes over several lines ("A -> B", then
+    "↳ C" ...); keep the first, the request that failed (it names the endpoint) and the root cause."""
+    import re
+
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # it colours the arrows
+    lines = [ln.strip().lstrip("↳").strip() for ln in plain.splitlines() if ln.strip()] or [type(err).__name__]
+    request = next((ln.split(" in ")[0] for ln in lines[1:] if ln.startswith("Error performing")), None)
+    parts = [lines[0], *([request] if request else []), *([lines[-1]] if len(lines) > 1 else [])]
+    return ": ".join(dict.fromkeys(parts))[:400]
+
+
 @dataclass(frozen=True)
 class DataVersion:
     """A pinned, reproducible reference to a table snapshot: what a model version records."""
@@ -36,6 +48,8 @@ def _table(uri: str, version: int | None = None):
         return DeltaTable(uri, version=version)
     except TableNotFoundError:
         raise TableError(f"no Delta table at {uri}") from None
+    except OSError as err:  # the store did not answer (an object store down, a mount gone): not "no table"
+        raise TableError(f"cannot read {uri}: {store_error(err)}") from None
     except Exception as err:  # deltalake raises a generic error for a version that does not exist
         if version is not None and "version" in str(err).lower():
             raise TableError(f"{uri}: no version {version}") from None
@@ -43,9 +57,13 @@ def _table(uri: str, version: int | None = None):
 
 
 def exists(uri: str) -> bool:
+    """Whether a Delta table is at URI; a store that does not answer is an error, never "no table"."""
     from deltalake import DeltaTable
 
-    return DeltaTable.is_deltatable(uri)
+    try:
+        return DeltaTable.is_deltatable(uri)
+    except OSError as err:
+        raise TableError(f"cannot read {uri}: {store_error(err)}") from None
 
 
 def _check_writable(uri: str) -> None:
@@ -99,9 +117,9 @@ def append(uri: str, df: pd.DataFrame, metadata: dict[str, str] | None = None, w
             commit_properties=CommitProperties(custom_metadata=dict(metadata or {})),
         )
     except OSError as err:
-        raise TableError(f"cannot write to {uri}: {err}") from None
+        raise TableError(f"cannot write to {uri}: {store_error(err)}") from None
     except Exception as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        msg = store_error(err)
         if "permission denied" in msg.lower() or "read-only" in msg.lower():
             raise TableError(f"cannot write to {uri}: permission denied") from None
         if "schema" in msg.lower():

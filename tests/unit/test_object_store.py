@@ -1,0 +1,87 @@
+"""The data root on an S3-compatible object store: moto in server mode on 127.0.0.1 (started here), the Delta tables
+under `DRIFTLOOP_DATA_ROOT=s3://bucket/prefix`, each command its own process, as on a cluster whose nodes share no
+disk. Nothing is written to the local home's tables folder; what a user reads back is what was written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port, run_cli
+
+BUCKET = "driftloop-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on 127.0.0.1 and the environment a command needs to use it; yields (env, boto3 client)."""
+    import boto3  # moto's own dependency (dev extra)
+
+    server = Path(sys.executable).with_name("moto_server")  # the dev extra's, in this environment
+    port = free_port()
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(url, timeout=2)
+            break
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise AssertionError(f"moto_server did not answer on {url}")
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+    client = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield env, client
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_tables_on_an_s3_data_root_version_time_travel_and_stay_off_the_local_disk(s3, home):
+    env, client = s3
+    env = {**env, "DRIFTLOOP_DATA_ROOT": f"s3://{BUCKET}/root"}
+    first = run_cli("data", "ingest", "digits", "--table", "digits", env=env)
+    second = run_cli("data", "ingest", "digits", "--table", "digits", env=env)
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr + second.stderr
+    assert first.stdout.strip() == "digits: version 0" and second.stdout.strip() == "digits: version 1"
+    keys = _keys(client, "root/digits/")
+    assert "root/digits/_delta_log/00000000000000000000.json" in keys and any(k.endswith(".parquet") for k in keys), keys
+    listing = run_cli("data", "versions", "digits", "--json", env=env)
+    assert listing.returncode == 0, listing.stderr
+    versions = json.loads(listing.stdout)
+    assert [(v["version"], v["rows"], v["added"]) for v in versions] == [(0, 1300, 1300), (1, 2600, 1300)], versions
+    assert versions[0]["digest"] != versions[1]["digest"]
+    show = run_cli("data", "show", "digits", "--version", "0", env=env)
+    assert show.returncode == 0 and "version 0: 1300 rows" in show.stdout, show.stdout + show.stderr
+    assert not (home / "tables").exists() or not any((home / "tables").iterdir()), "tables written to the local disk"
+
+
+def test_an_unreachable_object_store_is_one_line_and_no_version(s3, home):
+    """The store down (a port nothing listens on): the command fails in one line naming it; nothing half-written."""
+    env, client = s3
+    down = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "DRIFTLOOP_DATA_ROOT": f"s3://{BUCKET}/down"}
+    r = run_cli("data", "ingest", "digits", "--table", "digits", env=down, timeout=180)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "Traceback" not in r.stderr and f"s3://{BUCKET}/down/digits" in r.stderr, r.stderr
+    assert _keys(client, "down/") == []
+    listing = run_cli("data", "versions", "digits", env=down, timeout=180)
+    assert listing.returncode != 0 and listing.stderr.strip().count("\n") == 0, listing.stderr
+    assert "Traceback" not in listing.stderr and "Connection refused" in listing.stderr, listing.stderr
