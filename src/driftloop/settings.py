@@ -24,6 +24,17 @@ class Settings:
     def state_dir(self) -> Path:
         return self.home / "state"
 
+    @property
+    def remote(self) -> bool:
+        """The data root is an object store (e.g. s3://bucket/driftloop): state that must outlive a node goes there."""
+        return "://" in self.data_root and not self.data_root.startswith("file://")
+
+    @property
+    def state_root(self) -> str:
+        """Where a monitor's snapshots live: `<data root>/_state` on an object store (a replica rescheduled onto
+        another node finds them), else the local state folder. No table can be named `_state/...` (no '/')."""
+        return f"{self.data_root.rstrip('/')}/_state" if self.remote else str(self.state_dir)
+
     def table_uri(self, name: str) -> str:
         """A Delta table's URI under the data root (a local folder or an object-store prefix)."""
         return f"{self.data_root.rstrip('/')}/{name}"
@@ -32,8 +43,8 @@ class Settings:
         """Create the local folders the embedded defaults need (only when they are used)."""
         self.home.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if "://" not in self.data_root:
-            Path(self.data_root).mkdir(parents=True, exist_ok=True)
+        if not self.remote:
+            Path(self.data_root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
         return self
 
     def ensure_tracking_store(self) -> None:

@@ -85,3 +85,32 @@ def test_an_unreachable_object_store_is_one_line_and_no_version(s3, home):
     listing = run_cli("data", "versions", "digits", env=down, timeout=180)
     assert listing.returncode != 0 and listing.stderr.strip().count("\n") == 0, listing.stderr
     assert "Traceback" not in listing.stderr and "Connection refused" in listing.stderr, listing.stderr
+
+
+def test_monitor_snapshots_live_under_an_s3_data_root_and_a_store_down_is_not_no_snapshot(s3, home, monkeypatch):
+    """A monitor replica rescheduled onto another node restores from the data root, not from a node's disk: its
+    snapshot is one object under `<data root>/_state`, replaced whole; a missing one is "start afresh", a store
+    that does not answer is an error (starting afresh would forget a pending trigger)."""
+    import numpy as np
+
+    from driftloop.drift import state
+    from driftloop.settings import get_settings
+
+    env, client = s3
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("DRIFTLOOP_DATA_ROOT", f"s3://{BUCKET}/snap")
+    s = get_settings().ensure()
+    assert s.state_root == f"s3://{BUCKET}/snap/_state"
+    where = f"{s.state_root}/monitor-app-model.npz"
+    assert state.load(where) is None
+    meta, arrays = {"policy": {"labelled": 3}, "saved_at": 1.5}, {"window": np.arange(12, dtype=np.float32).reshape(3, 4)}
+    state.save(where, meta, arrays)
+    state.save(where, {**meta, "saved_at": 2.5}, arrays)  # replaced whole
+    got_meta, got_arrays = state.load(where)
+    assert got_meta == {**meta, "saved_at": 2.5} and np.array_equal(got_arrays["window"], arrays["window"])
+    assert _keys(client, "snap/_state/") == ["snap/_state/monitor-app-model.npz"]
+    assert not any((home / "state").glob("*.npz")), "a snapshot on the local disk"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(OSError):
+        state.load(where)

@@ -1,4 +1,5 @@
-"""Durable monitor state: one .npz file (arrays + a JSON document), replaced atomically, never pickled."""
+"""Durable monitor state: one .npz file (arrays + a JSON document), replaced atomically, never pickled; on the local
+disk or, under an object-store data root, one object (Settings.state_root)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,25 @@ import numpy as np
 META = "__meta__"
 
 
-def save(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    """Write meta + arrays to PATH: a temp file in the same directory, fsync, rename — a reader sees the old
-    snapshot or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _remote(where: str | Path) -> bool:
+    return "://" in str(where) and not str(where).startswith("file://")
+
+
+def save(where: str | Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Write meta + arrays to WHERE. A local file: a temp file in the same directory, fsync, rename. An object
+    (s3://...): one PUT, which replaces the object whole. Either way a reader sees the old snapshot or the new
+    one, never half of one; a store that fails raises."""
     buf = io.BytesIO()
     np.savez(buf, **{META: np.frombuffer(json.dumps(meta, default=float).encode(), dtype=np.uint8)}, **arrays)
+    if _remote(where):
+        import pyarrow.fs as pafs
+
+        fs, key = pafs.FileSystem.from_uri(str(where))
+        with fs.open_output_stream(key) as out:
+            out.write(buf.getvalue())
+        return
+    path = Path(str(where).removeprefix("file://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # one per write, even within a process
     with open(tmp, "wb") as f:
         f.write(buf.getvalue())
@@ -28,12 +42,25 @@ def save(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Non
     os.replace(tmp, path)
 
 
-def load(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
-    """The last snapshot at PATH, or None when there is none (or it cannot be read: start afresh)."""
-    if not path.is_file():
-        return None
+def load(where: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """The last snapshot at WHERE, or None when there is none (or what is there is not a snapshot: start afresh).
+    An object store that does not answer raises: that is not "no snapshot", and starting afresh would forget
+    a pending trigger."""
+    if _remote(where):
+        import pyarrow.fs as pafs
+
+        fs, key = pafs.FileSystem.from_uri(str(where))
+        try:
+            with fs.open_input_file(key) as f:
+                source = io.BytesIO(f.read())
+        except FileNotFoundError:
+            return None
+    else:
+        source = Path(str(where).removeprefix("file://"))
+        if not source.is_file():
+            return None
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(source, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         meta = json.loads(arrays.pop(META).tobytes().decode())
     except (OSError, ValueError, KeyError):

@@ -49,7 +49,7 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
         self.restored: list[dict] = []
         self.job_tracker = None  # set lazily: the job tracker (driftloop.jobs.JobTracker)
         app_name = _app_name()  # one state file per Serve application: two apps of one model keep separate windows
-        self.state_path = self.settings.state_dir / f"monitor-{app_name}-{self.name}.npz"
+        self.state_path = f"{self.settings.state_root}/monitor-{app_name}-{self.name}.npz"  # a local path or an object
         self._init_feedback_state(app_name)
         self.pending_submit: dict | None = None  # a trigger decided but not yet handed to the job tracker
         self._dirty = False
