@@ -260,5 +260,10 @@ def test_cluster_yamls_mlflow_server_answers_only_with_credentials_and_keeps_sec
     finally:
         for p in psutil.process_iter(["cmdline"]):
             if str(port) in " ".join(p.info["cmdline"] or []) and "mlflow" in " ".join(p.info["cmdline"] or []):
-                p.kill()
+                try:  # its server workers too: spawned children whose command lines name neither
+                    for child in p.children(recursive=True):
+                        child.kill()
+                    p.kill()
+                except psutil.Error:
+                    pass
 
