@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def is_object_store(uri: str | Path) -> bool:
+    """URI names an object store (s3://, gs://, ...), not the local disk (a path, or file://)."""
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
 @dataclass(frozen=True)
 class Settings:
     """The embedded defaults under one home folder, each overridable by an environment variable."""
@@ -27,7 +32,7 @@ class Settings:
     @property
     def remote(self) -> bool:
         """The data root is an object store (e.g. s3://bucket/driftloop): state that must outlive a node goes there."""
-        return "://" in self.data_root and not self.data_root.startswith("file://")
+        return is_object_store(self.data_root)
 
     @property
     def state_root(self) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 
 from driftloop.config import Spec
 from driftloop.data import tables
-from driftloop.settings import Settings
+from driftloop.settings import Settings, is_object_store
 
 LOG_TABLES = ("inference", "feedback", "drift_events")
 DAY = "day"
@@ -140,7 +140,7 @@ def maintain_table(uri: str, retention_days: float, grace_hours: float, now: flo
 
 def _drop_empty_partitions(uri: str) -> None:
     """A local table keeps no empty day=… folders of expired days (object stores have no folders)."""
-    if "://" in uri and not uri.startswith("file://"):
+    if is_object_store(uri):
         return
     for p in Path(uri.removeprefix("file://")).glob(f"{DAY}=*"):
         try:

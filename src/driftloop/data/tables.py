@@ -10,6 +10,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from driftloop.settings import is_object_store
+
 
 class TableError(RuntimeError):
     """A table operation that failed; nothing was written."""
@@ -71,7 +73,7 @@ def _check_writable(uri: str) -> None:
     import os
     from pathlib import Path
 
-    if "://" in uri and not uri.startswith("file://"):
+    if is_object_store(uri):
         return  # object stores report their own permission errors
     root = Path(uri.removeprefix("file://"))
     for d in (root, root / "_delta_log"):

@@ -12,11 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from driftloop.settings import is_object_store
+
 META = "__meta__"
-
-
-def _remote(where: str | Path) -> bool:
-    return "://" in str(where) and not str(where).startswith("file://")
 
 
 def save(where: str | Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -25,7 +23,7 @@ def save(where: str | Path, meta: dict[str, Any], arrays: dict[str, np.ndarray])
     one, never half of one; a store that fails raises."""
     buf = io.BytesIO()
     np.savez(buf, **{META: np.frombuffer(json.dumps(meta, default=float).encode(), dtype=np.uint8)}, **arrays)
-    if _remote(where):
+    if is_object_store(where):
         import pyarrow.fs as pafs
 
         fs, key = pafs.FileSystem.from_uri(str(where))
@@ -46,7 +44,7 @@ def load(where: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | No
     """The last snapshot at WHERE, or None when there is none (or what is there is not a snapshot: start afresh).
     An object store that does not answer raises: that is not "no snapshot", and starting afresh would forget
     a pending trigger."""
-    if _remote(where):
+    if is_object_store(where):
         import pyarrow.fs as pafs
 
         fs, key = pafs.FileSystem.from_uri(str(where))
