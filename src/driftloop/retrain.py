@@ -187,7 +187,7 @@ def train_and_gate(spec: Spec, settings: Settings, dv, hp: dict[str, Any], run_n
         tail = tail_rows
         if tail:
             version_tags = {**version_tags, "data.window": f"newest {tail} rows"}
-        result = make_trainer(spec, dv, hp, name=run_name, storage_path=str(settings.home / "ray_results"),
+        result = make_trainer(spec, dv, hp, name=run_name, storage_path=settings.train_storage,
                               extra={"tail_rows": tail}).fit()
         stages["training_s"] = time.time() - t1
         if result.checkpoint is None:

@@ -40,6 +40,12 @@ class Settings:
         another node finds them), else the local state folder. No table can be named `_state/...` (no '/')."""
         return f"{self.data_root.rstrip('/')}/_state" if self.remote else str(self.state_dir)
 
+    @property
+    def train_storage(self) -> str:
+        """Ray Train's storage_path (trial results and checkpoints): `<data root>/_train` on an object store, so a
+        checkpoint written on one node is read on another; else the local `ray_results` folder."""
+        return f"{self.data_root.rstrip('/')}/_train" if self.remote else str(self.home / "ray_results")
+
     def table_uri(self, name: str) -> str:
         """A Delta table's URI under the data root (a local folder or an object-store prefix)."""
         return f"{self.data_root.rstrip('/')}/{name}"

@@ -13,7 +13,7 @@ from typing import Any
 from driftloop.config import Spec, SpecError
 from driftloop.data import tables
 from driftloop.data.tables import DataVersion
-from driftloop.settings import Settings
+from driftloop.settings import Settings, is_object_store
 
 
 def preflight(spec: Spec, settings: Settings, version: int | None = None) -> DataVersion:
@@ -114,6 +114,14 @@ def _mlflow_callback(settings: Settings, parent_run_id: str, experiment_id: str,
     return MlflowTrials()
 
 
+def best_checkpoint(path: str, storage: str):
+    """The checkpoint a trial reported: Train reports its path without the scheme (on S3: `bucket/key`)."""
+    from ray.train import Checkpoint
+
+    scheme = storage.split("://")[0] if is_object_store(storage) else None
+    return Checkpoint(f"{scheme}://{path}" if scheme else path)
+
+
 def data_sample(spec: Spec, dv: DataVersion):
     """The first rows of a data version, the example MLflow keeps with its dataset input."""
     return tables.read(dv.uri, dv.version, columns=spec.dataset.features + [spec.dataset.label]).head(20)
@@ -165,7 +173,7 @@ def run_sweep(spec: Spec, settings: Settings, data_version: int | None = None, v
     sample = data_sample(spec, dv)
     registry.log_data_input(c, pid, spec, dv, sample)
 
-    storage = str(settings.home / "ray_results")
+    storage = settings.train_storage
     job = {"spec": spec.model_dump(mode="json"), "data": dv.as_dict(), "sweep": sweep_name, "storage": storage}
     sw = spec.sweep
     metric, mode = spec.tune_metric
@@ -194,7 +202,8 @@ def run_sweep(spec: Spec, settings: Settings, data_version: int | None = None, v
             errors = [str(r.error).splitlines()[0] for r in results if r.error]
             raise RuntimeError(f"no trial finished with a checkpoint; errors: {errors[:3]}")
         best = (max if mode == "max" else min)(finished, key=lambda r: r.metrics[metric])
-        outcome = register_and_gate(spec, settings, dv, Path(best.metrics["checkpoint_path"]), pid, extra_tags)
+        with best_checkpoint(best.metrics["checkpoint_path"], storage).as_directory() as ckpt:  # a download on S3
+            outcome = register_and_gate(spec, settings, dv, Path(ckpt), pid, extra_tags)
     except BaseException:
         c.set_terminated(pid, "FAILED")
         raise

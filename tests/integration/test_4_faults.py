@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from driftloop.data import examples
-from tests.conftest import ROOT
+from tests.conftest import BUCKET, ROOT
 from tests.integration.conftest import free_port, start_mlflow_server, wait_for, write_spec
 
 pytestmark = pytest.mark.slow
@@ -344,13 +344,16 @@ def test_mlflow_down_during_retraining_fails_cleanly_and_is_retried(settings, tr
 # --- a worker node dies during distributed training (two-node local cluster) --------------------------------------
 
 
-def test_worker_node_dies_during_distributed_training(trained, tmp_path):
+def test_worker_node_dies_during_distributed_training(trained, tmp_path, s3):
     """Runs in its own process: a second Ray cluster (head + worker node, `ray.cluster_utils.Cluster`) cannot
-    share this test session's process with the session's Ray instance."""
+    share this test session's process with the session's Ray instance. Train's storage is on the object store
+    (moto), as Settings.train_storage puts it under an s3:// data root: the run resumes from a checkpoint that
+    the dead node wrote there, not from a node's disk."""
     spec, outcome = trained
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    aws, client = s3
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}, **aws}
     args = [sys.executable, "-m", "tests.integration.two_node_training", "--spec", json.dumps(spec.model_dump(mode="json")),
-            "--data", json.dumps(outcome.data.as_dict()), "--storage", str(tmp_path / "train")]
+            "--data", json.dumps(outcome.data.as_dict()), "--storage", f"s3://{BUCKET}/node-loss/_train"]
     r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("{")), None)
     assert r.returncode == 0 and line, (r.stdout + r.stderr)[-4000:]
@@ -359,3 +362,8 @@ def test_worker_node_dies_during_distributed_training(trained, tmp_path):
     assert out["node_removed_after_epoch"] >= 1 and out["error"] is None
     assert out["final_epoch"] == out["epochs"] - 1
     assert out["resumed_from_epoch"] >= 1, "resumed from a checkpoint, not from scratch"
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="node-loss/_train/two-node/")
+    kept = [o["Key"] for page in pages for o in page.get("Contents", []) if o["Key"].endswith("/model.pt")]
+    # the checkpoint the finished run reports is one of those objects (Train keeps more than num_to_keep=2 across
+    # a worker-group restart: 4 here, the ones from before the node died are not pruned)
+    assert kept and f"{out['checkpoint'].split('/', 1)[1]}/model.pt" in kept, (out["checkpoint"], kept)

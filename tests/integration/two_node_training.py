@@ -1,5 +1,6 @@
 """Helper process for the worker-node-death test: a two-node local Ray cluster (`ray.cluster_utils.Cluster`),
-distributed training on the worker node, that node killed after a checkpoint, a replacement node joining (what
+distributed training on the worker node with its checkpoints on --storage (a folder or s3://...), that node killed
+after a checkpoint, a replacement node joining (what
 the autoscaler does), and training resuming from the checkpoint. Prints one JSON line."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ def main() -> int:
     p.add_argument("--storage", required=True)
     a = p.parse_args()
 
+    import pyarrow.fs
     import ray
     from ray.cluster_utils import Cluster
 
@@ -35,13 +37,14 @@ def main() -> int:
                                                              "include_dashboard": False})
     worker = cluster.add_node(num_cpus=2, object_store_memory=mem)
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-    storage = Path(a.storage)
+    storage = a.storage  # a folder or an object-store URI (s3://...): where Train persists checkpoints
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
     out: dict = {"epochs": spec.training.epochs}
     box: dict = {}
 
     def fit():
         try:
-            box["result"] = make_trainer(spec, dv, default_hparams(spec), "two-node", str(storage)).fit()
+            box["result"] = make_trainer(spec, dv, default_hparams(spec), "two-node", storage).fit()
         except Exception as err:  # reported, not raised: the JSON line says what happened
             box["error"] = f"{type(err).__name__}: {err}"
 
@@ -49,9 +52,10 @@ def main() -> int:
     t0 = time.monotonic()
     t.start()
     deadline = time.monotonic() + 240
-    seen: set[Path] = set()  # checkpoints persisted so far (Train keeps only the newest two)
+    seen: set[str] = set()  # checkpoints persisted so far (Train keeps only the newest two)
     while len(seen) < 3 and time.monotonic() < deadline and t.is_alive():
-        seen |= set(storage.rglob("model.pt"))
+        seen |= {f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+                 if f.path.endswith("/model.pt")}
         time.sleep(0.2)
     # by the third persisted checkpoint the controller has registered an earlier one to resume from
     out["node_removed_after_epoch"] = len(seen) - 1
@@ -67,6 +71,8 @@ def main() -> int:
         out["final_epoch"] = int(res.metrics["epoch"])
         out["resumed_from_epoch"] = int(res.metrics["resumed_from_epoch"])
         out["val_accuracy"] = round(float(res.metrics["val_accuracy"]), 4)
+    if res is not None and res.checkpoint is not None:
+        out["checkpoint"] = res.checkpoint.path  # on S3: bucket/key, without the scheme
     print(json.dumps(out), flush=True)
     ray.shutdown()
     cluster.shutdown()
