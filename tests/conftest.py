@@ -37,3 +37,36 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
         [str(exe), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+BUCKET = "driftloop-test"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on 127.0.0.1 (one per test session) and the environment a command needs to use it; yields
+    (env, boto3 client) with the bucket BUCKET created."""
+    import boto3  # moto's own dependency (dev extra)
+
+    from tests.integration.conftest import answers_200, wait_for
+
+    server = Path(sys.executable).with_name("moto_server")  # the dev extra's, in this environment
+    port = free_port()
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: proc.poll() is None and answers_200(url), 60, every=0.2, what=f"moto_server on {url}")
+    except AssertionError:
+        proc.kill()
+        raise
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+    client = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield env, client
+    finally:
+        proc.kill()
+        proc.wait(10)

@@ -5,43 +5,11 @@ disk. Nothing is written to the local home's tables folder; what a user reads ba
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, run_cli
-from tests.integration.conftest import answers_200, wait_for
-
-BUCKET = "driftloop-test"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """moto's S3 server on 127.0.0.1 and the environment a command needs to use it; yields (env, boto3 client)."""
-    import boto3  # moto's own dependency (dev extra)
-
-    server = Path(sys.executable).with_name("moto_server")  # the dev extra's, in this environment
-    port = free_port()
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: proc.poll() is None and answers_200(url), 60, every=0.2, what=f"moto_server on {url}")
-    except AssertionError:
-        proc.kill()
-        raise
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
-    client = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    try:
-        yield env, client
-    finally:
-        proc.kill()
-        proc.wait(10)
+from tests.conftest import BUCKET, free_port, run_cli
 
 
 def _keys(client, prefix: str) -> list[str]:
@@ -108,3 +76,50 @@ def test_monitor_snapshots_live_under_an_s3_data_root_and_a_store_down_is_not_no
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(OSError):
         state.load(where)
+
+
+def test_request_id_keys_are_one_object_every_replica_reads(s3, home, monkeypatch):
+    """Under an object-store data root the request-id key is shared by replicas on every node: `driftloop serve`
+    creates it once (a second deploy keeps it), replicas read it and never create it, a missing one refuses the
+    replica's start in one line."""
+    from driftloop.serving import ids
+    from driftloop.settings import get_settings
+
+    env, client = s3
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv(ids.ID_SECRET_ENV, raising=False)
+    monkeypatch.setenv("DRIFTLOOP_DATA_ROOT", f"s3://{BUCKET}/keys")
+    root = get_settings().ensure().state_root
+    with pytest.raises(RuntimeError, match=r"s3://driftloop-test/keys/_state/ids-digits.key does not exist: deploy with"):
+        ids.app_secret(root, "digits")
+    ids.ensure_shared_secret(root, "digits")
+    key = ids.app_secret(root, "digits")
+    ids.ensure_shared_secret(root, "digits")  # a second deploy keeps the key: ids already issued stay valid
+    assert ids.app_secret(root, "digits") == key and len(key) >= 32
+    ids.ensure_shared_secret(root, "other")
+    assert ids.app_secret(root, "other") != key
+    assert sorted(_keys(client, "keys/")) == ["keys/_state/ids-digits.key", "keys/_state/ids-other.key"]
+    assert not (home / "state").exists() or not any((home / "state").glob("*.key")), "a key on the local disk"
+    rid = ids.issue(key, 1, 1)
+    assert ids.verify(ids.app_secret(root, "digits"), rid).version == 1  # what one node signed, another verifies
+
+
+def test_a_trial_checkpoint_on_an_s3_storage_path_is_read_back(s3, home, monkeypatch):
+    """Train's storage on the object store (Settings.train_storage): a trial reports its checkpoint without the
+    scheme (`bucket/key`), and the sweep downloads it from there to register the model."""
+    from driftloop.settings import get_settings
+    from driftloop.sweep import best_checkpoint
+
+    env, client = s3
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("DRIFTLOOP_DATA_ROOT", f"s3://{BUCKET}/train")
+    storage = get_settings().train_storage
+    assert storage == f"s3://{BUCKET}/train/_train"
+    key = "train/_train/sweep-x/trial-1/checkpoint_000001"
+    client.put_object(Bucket=BUCKET, Key=f"{key}/model.pt", Body=b"weights")
+    with best_checkpoint(f"{BUCKET}/{key}", storage).as_directory() as d:
+        assert (Path(d) / "model.pt").read_bytes() == b"weights"
+    monkeypatch.delenv("DRIFTLOOP_DATA_ROOT")
+    assert get_settings().train_storage == str(home.resolve() / "ray_results")

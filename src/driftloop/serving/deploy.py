@@ -168,6 +168,17 @@ def _one_deploy_at_a_time():
         yield
 
 
+def _shared_keys(cfg: dict) -> None:
+    """Under an object-store data root, each application's request-id key is an object that every replica reads:
+    created here, once, by the one process that deploys (serving/ids.py)."""
+    from driftloop.serving.ids import ensure_shared_secret
+
+    s = get_settings()
+    if s.remote:
+        for app in cfg.get("applications", []):
+            ensure_shared_secret(s.state_root, app["name"])
+
+
 def _answering(url: str) -> bool:
     import httpx
 
@@ -190,6 +201,7 @@ def deploy_file(file: Path, wait_s: float = 300, ingress: str = "proxy") -> dict
     with _one_deploy_at_a_time():
         if kept := keep_running(client.get_serve_details() or {}, cfg):
             print(f"kept running: {', '.join(kept)} (not in {Path(file).name}; `serve shutdown` stops every application)")
+        _shared_keys(cfg)
         client.deploy_applications(cfg)
     http = cfg.get("http_options", {})
     base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"

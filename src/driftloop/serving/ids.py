@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from driftloop.serving.validation import REQUEST_ID, InvalidInput
+from driftloop.settings import is_object_store
 
 ID_SECRET_ENV = "DRIFTLOOP_ID_SECRET"
 ID_MAX_AGE_ENV = "DRIFTLOOP_ID_MAX_AGE_S"
@@ -105,17 +106,57 @@ def issued_at_unverified(rid: str) -> float | None:
     return int(m.group(2), 36) / 1000 if m else None
 
 
-def app_secret(state_dir: Path, app: str) -> bytes:
-    """The application's key: DRIFTLOOP_ID_SECRET, else a random one created once under the state dir."""
+def _key_name(app: str) -> str:
+    return f"ids-{re.sub(r'[^A-Za-z0-9_.-]', '_', app)}.key"
+
+
+def app_secret(state_root: str | Path, app: str) -> bytes:
+    """The application's key: DRIFTLOOP_ID_SECRET, else `ids-<app>.key` under the state root. A local state folder:
+    created once by whichever replica comes first. An object store (Settings.state_root on an s3:// data root, so
+    replicas on every node share it): `driftloop serve` created it before deploying (`ensure_shared_secret`);
+    replicas only read it, because two nodes cannot both create an object and agree on the winner."""
     if os.environ.get(ID_SECRET_ENV):
         return os.environ[ID_SECRET_ENV].encode()
-    path = Path(state_dir) / f"ids-{re.sub(r'[^A-Za-z0-9_.-]', '_', app)}.key"
-    if not path.exists():
-        _create_secret(path)
-    secret = path.read_bytes().strip()
+    if is_object_store(state_root):
+        where = f"{str(state_root).rstrip('/')}/{_key_name(app)}"
+        secret = _read_object(where)
+        if secret is None:
+            raise RuntimeError(f"request-id key {where} does not exist: deploy with `driftloop serve`, which creates it, "
+                               f"or set {ID_SECRET_ENV} on every node")
+    else:
+        path = Path(state_root) / _key_name(app)
+        if not path.exists():
+            _create_secret(path)
+        where, secret = str(path), path.read_bytes().strip()
     if len(secret) < MIN_SECRET_BYTES:
-        raise RuntimeError(f"request-id key {path} is too short ({len(secret)} bytes); delete it or set {ID_SECRET_ENV}")
+        raise RuntimeError(f"request-id key {where} is too short ({len(secret)} bytes); delete it or set {ID_SECRET_ENV}")
     return secret
+
+
+def ensure_shared_secret(state_root: str, app: str) -> None:
+    """Create APP's key under an object-store state root unless it is there (the one writer: `driftloop serve`,
+    under its deploy lock), also when this process has DRIFTLOOP_ID_SECRET (the replicas may not); a store that
+    does not answer raises."""
+    import pyarrow.fs as pafs
+
+    if not is_object_store(state_root):
+        return
+    where = f"{state_root.rstrip('/')}/{_key_name(app)}"
+    if _read_object(where) is None:
+        fs, key = pafs.FileSystem.from_uri(where)
+        with fs.open_output_stream(key) as out:
+            out.write(secrets.token_hex(32).encode())
+
+
+def _read_object(uri: str) -> bytes | None:
+    import pyarrow.fs as pafs
+
+    fs, key = pafs.FileSystem.from_uri(uri)
+    try:
+        with fs.open_input_file(key) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
 
 
 def _create_secret(path: Path) -> None:

@@ -75,7 +75,7 @@ class Predictor(PollLoops):
     def _init_ingress(self, feedback_rate: float | None, feedback_burst: float | None) -> None:
         """The hand-off sample, the request-id key (shared with the monitor) and the /feedback rate limit."""
         self.sample = Reservoir(self.MAX_BUFFER)  # (id, ts, x row, proba row, version) of rows served since the last flush
-        self.id_secret = request_ids.app_secret(self.settings.state_dir, _app_name())
+        self.id_secret = request_ids.app_secret(self.settings.state_root, _app_name())
         self.id_max_age_s = request_ids.max_age_s()
         rate = FEEDBACK_RATE if feedback_rate is None else float(feedback_rate)
         self.feedback_limits = TokenBuckets(rate, FEEDBACK_BURST if feedback_burst is None else float(feedback_burst))

@@ -19,7 +19,7 @@ class RowStores:
 
     def _init_feedback_state(self, app_name: str) -> None:
         """Feedback bookkeeping: the shared request-id key, labels seen (bounded), lookups that coalesce."""
-        self.id_secret = request_ids.app_secret(self.settings.state_dir, app_name)
+        self.id_secret = request_ids.app_secret(self.settings.state_root, app_name)
         self.log_dropped = 0
         # every label of an id issued after this went through this replica (and is in `labelled` unless evicted)
         self.labels_cover_from = time.time() + LABEL_COVER_MARGIN_S
