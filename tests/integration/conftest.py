@@ -103,10 +103,13 @@ def kill_leftovers(home: Path, below: bool = False) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(session_home):
-    """A local Ray cluster bound to 127.0.0.1 with 4 logical CPUs on this 2-core machine."""
+def ray_cluster(session_home, s3):
+    """A local Ray cluster bound to 127.0.0.1 with 4 logical CPUs on this 2-core machine. Its processes carry the
+    object store's endpoint and keys (moto) in their environment, as a cloud cluster's nodes carry theirs (an
+    instance role, a pod's secret): a test may put a data root on s3:// (the default stays the local folder)."""
     import ray
 
+    os.environ.update(s3[0])
     dash = free_port()
     ctx = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
                    _node_ip_address="127.0.0.1", object_store_memory=400 * 1024**2, namespace="driftloop",
@@ -169,8 +172,9 @@ def wait_for(predicate, timeout: float, every: float = 0.5, what: str = "conditi
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
-def start_mlflow_server(port: int, backend: str, artifacts: Path) -> subprocess.Popen:
-    """A real `mlflow server` on 127.0.0.1:PORT over BACKEND; returns once /health answers."""
+def start_mlflow_server(port: int, backend: str, artifacts: Path | str) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:PORT over BACKEND, proxying artifacts to ARTIFACTS (a folder or an
+    s3:// URI); returns once /health answers."""
     server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
                               "--backend-store-uri", backend, "--artifacts-destination", str(artifacts), "--workers", "1"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

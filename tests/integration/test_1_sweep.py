@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import BUCKET, ROOT, run_cli
 from tests.integration.conftest import free_port, start_mlflow_server, write_spec
 
 pytestmark = pytest.mark.slow
@@ -127,29 +127,48 @@ def test_bad_spec_fails_before_any_ray_work(trained, tmp_path, overrides, expect
     assert "Started a local Ray instance" not in r.stdout + r.stderr
 
 
-def test_rainfall_first_20_years_against_an_mlflow_server(ray_cluster, session_home, tmp_path, monkeypatch):
-    """The rainfall spec, tracked on a real `mlflow server` over HTTP on 127.0.0.1."""
+def test_rainfall_first_20_years_against_an_mlflow_server_with_everything_on_s3(ray_cluster, session_home, tmp_path,
+                                                                                s3, monkeypatch):
+    """The rainfall spec, tracked on a real `mlflow server` over HTTP on 127.0.0.1 that keeps its artifacts on the
+    object store (`--artifacts-destination s3://…`, moto), with the data root there too: the Delta table, Train's
+    checkpoints and the registered model are objects in the bucket, none on the local disk, and the champion loads
+    back through the server."""
     from driftloop import registry
     from driftloop.config import load_spec, parse_spec
     from driftloop.data.ingest import ingest
+    from driftloop.model import predict_outputs, scores
     from driftloop.settings import get_settings
     from driftloop.sweep import run_sweep
+    from driftloop.train import load_splits
 
+    _, client = s3
     port = free_port()
-    server = start_mlflow_server(port, f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "art")
+    server = start_mlflow_server(port, f"sqlite:///{tmp_path / 'server.db'}", f"s3://{BUCKET}/rain-mlflow")
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("DRIFTLOOP_DATA_ROOT", f"s3://{BUCKET}/rain")
         s = get_settings()
         d = load_spec(ROOT / "configs/rainfall.yaml").model_dump(mode="json")
         d["sweep"].update(trials=1, concurrency=1, scheduler="fifo")
         spec = parse_spec(d)
         assert ingest("rainfall", s.table_uri("rainfall"), spec.dataset) == 0
         o = run_sweep(spec, s, verbose=0)
-        assert o.data.rows == 7305  # the first 20 years
-        acc = float(registry.version_tags(s, "rainfall", o.version)["metric.test_accuracy"])
+        assert o.data.rows == 7305 and o.data.uri == f"s3://{BUCKET}/rain/rainfall"  # the first 20 years
+        tags = registry.version_tags(s, "rainfall", o.version)
+        acc = float(tags["metric.test_accuracy"])
         print(f"rainfall test accuracy (first 20 years): {acc:.3f}")
         assert 0.65 <= acc <= 0.9
         assert registry.champion_version(s, "rainfall") == o.version
+        keys = [k for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="rain")
+                for k in (o["Key"] for o in page.get("Contents", []))]
+        assert any(k.startswith("rain/rainfall/_delta_log/") for k in keys), keys[:5]
+        assert any(k.startswith("rain/_train/sweep-rainfall-") and k.endswith("/model.pt") for k in keys), keys[:20]
+        assert any(k.startswith("rain-mlflow/") and k.endswith("weights/model.pt") for k in keys), keys[:20]
+        assert not list((session_home / "ray_results").glob("sweep-rainfall-*")), "Train wrote to the local disk"
+        # through the server from the bucket, on the table's test split read from the bucket: the recorded accuracy
+        model = registry.load_model(registry.download(s, "rainfall", o.version, tmp_path / "copy"))
+        splits = load_splits(spec, o.data)
+        assert f"{scores(predict_outputs(model, splits.x_test), splits.y_test, spec)['accuracy']:.6f}" == tags["metric.test_accuracy"]
     finally:
         server.terminate()
         server.wait(30)
