@@ -26,7 +26,9 @@ def ensure_ray(settings: Settings, namespace: str = "driftloop", join_running: b
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runtime_env = {"env_vars": shared_env(settings)}  # never a credential: see driftloop.envs
+    # never a credential: see driftloop.envs; a Ray on this machine shares this machine's home, also under an
+    # object-store data root (where shared_env leaves each node its own)
+    runtime_env = {"env_vars": {**shared_env(settings), "DRIFTLOOP_HOME": str(settings.home)}}
     if settings.ray_address:
         # An existing cluster (or a Ray job's driver): its processes already carry their environment,
         # and a job's runtime env cannot be merged with another one.

@@ -106,7 +106,7 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: flo
     d["retraining"]["cooldown_s"] = 60
     spec = parse_spec(d, "demo spec")
     out.mkdir(parents=True, exist_ok=True)
-    (s.state_dir / "demo-spec.json").write_text(json.dumps(d))
+    (out / "spec.json").write_text(json.dumps(d, indent=2))  # the spec this run used, beside its results
 
     import ray
     from ray import serve
@@ -130,6 +130,9 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: flo
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         from driftloop.serving.app import DriftMonitor, Predictor
+        from driftloop.serving.ids import ensure_shared_secret
+
+        ensure_shared_secret(s.state_root, spec.name)  # under an s3:// data root: the key every replica reads
 
         serve.run(Predictor.bind(DriftMonitor.bind(d), d, True, 256), name=spec.name, route_prefix=f"/{spec.name}")
         url = f"http://127.0.0.1:{port}"

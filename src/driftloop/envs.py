@@ -35,7 +35,12 @@ def shared_env(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     """What a local Ray's workers, a retraining job and a Serve config's replicas are given."""
     environ = os.environ if environ is None else environ
     env = {k: v for k, v in environ.items() if k.startswith(PREFIXES) and not is_secret(k)}
-    env.update({"DRIFTLOOP_HOME": str(settings.home), "MLFLOW_TRACKING_URI": settings.tracking_uri,
-                "DRIFTLOOP_DATA_ROOT": settings.data_root})
+    env.update({"MLFLOW_TRACKING_URI": settings.tracking_uri, "DRIFTLOOP_DATA_ROOT": settings.data_root})
+    if settings.remote:
+        # an object-store data root holds everything shared; DRIFTLOOP_HOME is a node's own cache folder and stays
+        # the one each node was started with (this node's path may not exist, or be writable, on another)
+        env.pop("DRIFTLOOP_HOME", None)
+    else:
+        env["DRIFTLOOP_HOME"] = str(settings.home)  # the sqlite store and tables live there: one folder for all
     env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return {k: strip_password(v) for k, v in env.items()}

@@ -14,6 +14,7 @@ API takes them, and `/drift` and `driftloop status` say that the path is failing
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import threading
@@ -85,6 +86,34 @@ class JobsView:
                 "submit_failures": self.health.submit_failures, "listed_at": self.listed_at}
 
 
+RETRAIN_RESOURCES_ENV = "DRIFTLOOP_RETRAIN_RESOURCES"
+
+
+def entrypoint_placement(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Where a retraining job's entrypoint runs: DRIFTLOOP_RETRAIN_RESOURCES, a JSON object of Ray resources
+    (`{"CPU": 1}` keeps it off a head started with --num-cpus=0; a custom resource such as `{"retrain": 1}` pins it to
+    the nodes started with it). Unset: Ray's default, the head node. Not an object of numbers: ValueError, one line."""
+    raw = (os.environ if environ is None else environ).get(RETRAIN_RESOURCES_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        res = json.loads(raw)
+        if not isinstance(res, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in res.values()):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{RETRAIN_RESOURCES_ENV}={raw!r} is not a JSON object of resource amounts, "
+                         f'e.g. {{"CPU": 1}} or {{"retrain": 1}}') from None
+    res = dict(res)
+    out: dict[str, Any] = {}
+    if "CPU" in res:
+        out["entrypoint_num_cpus"] = res.pop("CPU")
+    if "GPU" in res:
+        out["entrypoint_num_gpus"] = res.pop("GPU")
+    if res:
+        out["entrypoint_resources"] = res
+    return out
+
+
 class JobTracker(JobsView):
     """Submits a model's retraining jobs: at most one sequence per trigger, retries of failed runs, and
     submissions the Jobs API refused retried with backoff until it takes them."""
@@ -92,6 +121,7 @@ class JobTracker(JobsView):
     def __init__(self, spec: Spec, settings: Settings, address: str | None = None):
         super().__init__(spec.name, address, spec.retraining.max_retries, spec.retraining.backoff_s)
         self.spec, self.settings = spec, settings
+        self.placement = entrypoint_placement()  # a bad value fails here, when the monitor starts, not per submission
         self.created_at = time.time()
         self._lock = threading.Lock()
         self._seen_final: set[str] = set()
@@ -130,7 +160,8 @@ class JobTracker(JobsView):
         of one id, or a lost response), the job's own record decides: it exists, or the submission failed."""
         try:
             self._api(lambda c: c.submit_job(entrypoint=self._entrypoint(sid, meta), submission_id=sid, metadata=meta,
-                                             runtime_env={"env_vars": shared_env(self.settings)}))
+                                             runtime_env={"env_vars": shared_env(self.settings)},
+                                             **self.placement))
             return None
         except RetrainPathDown as err:
             held = self._held(sid)

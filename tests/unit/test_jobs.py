@@ -195,3 +195,25 @@ def test_a_retraining_job_carries_its_spec_on_its_command_line_not_as_a_file_of_
         spec_argument("{not json")
     with pytest.raises(ValueError, match="no such spec file"):
         spec_argument(str(tmp_path / "nowhere.yaml"))
+
+
+def test_a_node_keeps_its_own_home_under_an_object_store_data_root(tmp_path: Path):
+    """Local data root: every process shares the one home (the sqlite store, the tables). s3:// data root: the home
+    is each node's own cache, so a job or a replica on another node keeps the DRIFTLOOP_HOME its node started with."""
+    from driftloop import envs
+
+    environ = {"DRIFTLOOP_HOME": "/head/home", "DRIFTLOOP_POLL_S": "1"}
+    local = Settings(home=tmp_path, data_root=str(tmp_path / "t"), tracking_uri="sqlite:///x.db", ray_address=None)
+    assert envs.shared_env(local, environ)["DRIFTLOOP_HOME"] == str(tmp_path)
+    remote = Settings(home=tmp_path, data_root="s3://b/dl", tracking_uri="http://mlflow:5000", ray_address="h:6379")
+    env = envs.shared_env(remote, environ)
+    assert "DRIFTLOOP_HOME" not in env and env["DRIFTLOOP_DATA_ROOT"] == "s3://b/dl" and env["DRIFTLOOP_POLL_S"] == "1"
+
+
+def test_where_a_retraining_job_runs():
+    assert jobs.entrypoint_placement({}) == {}
+    assert jobs.entrypoint_placement({"DRIFTLOOP_RETRAIN_RESOURCES": '{"CPU": 1, "GPU": 0.5, "retrain": 1}'}) == {
+        "entrypoint_num_cpus": 1, "entrypoint_num_gpus": 0.5, "entrypoint_resources": {"retrain": 1}}
+    for bad in ('retrain', '["CPU"]', '{"CPU": "one"}', '{"CPU": -1}'):
+        with pytest.raises(ValueError, match="DRIFTLOOP_RETRAIN_RESOURCES=.* is not a JSON object of resource amounts"):
+            jobs.entrypoint_placement({"DRIFTLOOP_RETRAIN_RESOURCES": bad})
