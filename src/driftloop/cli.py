@@ -290,6 +290,46 @@ def gc_cmd(
         typer.echo(f"registry      {'would archive' if dry_run else 'archived'} versions {rep['archived'] or 'none'}")
 
 
+@app.command("cluster-env")
+@clean_errors
+def cluster_env_cmd(
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="the object store every node reads and writes, "
+                                            "e.g. s3://bucket/driftloop (default: DRIFTLOOP_DATA_ROOT)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="the MLflow tracking server every node "
+                                               "logs to (default: MLFLOW_TRACKING_URI)"),
+    retrain_resources: Optional[str] = typer.Option(None, "--retrain-resources", help='where retraining jobs run: Ray '
+                                                    'resources as JSON, e.g. \'{"CPU": 1}\' (default: the head)'),
+    fmt: str = typer.Option("shell", "--format", help="shell (export lines) or kuberay (a container's env: list)"),
+) -> None:
+    """Print the environment every node of a multi-node cluster starts with, head and workers alike: one data root and
+    one tracking server, from which driftloop derives every shared place. The secrets it names come from your
+    secret store on each node; no value of one is printed."""
+    import os
+    import shlex
+
+    from driftloop.envs import CLUSTER_SECRETS, cluster_env
+
+    if fmt not in ("shell", "kuberay"):
+        _fail(f"--format {fmt!r}: use shell or kuberay")
+    try:
+        env = cluster_env(data_root or os.environ.get("DRIFTLOOP_DATA_ROOT", ""),
+                          tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), retrain_resources)
+    except ValueError as err:
+        _fail(str(err))
+    if fmt == "shell":
+        for k, v in env.items():
+            typer.echo(f"export {k}={shlex.quote(v)}")
+        for k, what in CLUSTER_SECRETS.items():
+            typer.echo(f"# {k}: {what} (from your secret store)")
+        return
+    for k, v in env.items():
+        typer.echo(f"- {{name: {k}, value: {json.dumps(v)}}}")
+    for k, what in CLUSTER_SECRETS.items():
+        secret, key = ("driftloop-admin", "token") if k == "DRIFTLOOP_ADMIN_TOKEN" else \
+            ("driftloop-mlflow", "username" if k.endswith("USERNAME") else "password")
+        typer.echo(f"- name: {k}   # {what}\n  valueFrom: {{secretKeyRef: {{name: {secret}, key: {key}}}}}")
+
+
 @app.command("backtest")
 @clean_errors
 def backtest_cmd(

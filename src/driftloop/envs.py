@@ -44,3 +44,40 @@ def shared_env(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         env["DRIFTLOOP_HOME"] = str(settings.home)  # the sqlite store and tables live there: one folder for all
     env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return {k: strip_password(v) for k, v in env.items()}
+
+
+# --- the environment of a multi-node cluster's nodes ------------------------------------------------------------
+
+# set on every node from the platform's secret store (a Kubernetes secret, AWS Secrets Manager): named here, never
+# printed with a value, and never handed on by shared_env
+CLUSTER_SECRETS = {
+    "MLFLOW_TRACKING_USERNAME": "the MLflow user driftloop logs in as (the tracking server's basic-auth app)",
+    "MLFLOW_TRACKING_PASSWORD": "that user's password",
+    "DRIFTLOOP_ADMIN_TOKEN": "the admin endpoints' bearer token: on every node that runs Serve replicas",
+}
+
+
+def cluster_env(data_root: str, tracking_uri: str, retrain_resources: str | None = None) -> dict[str, str]:
+    """The environment every node of a multi-node cluster starts with, head and workers alike: the one recipe behind
+    `driftloop cluster-env`, the README's cloud section, `cluster.yaml`, the KubeRay manifests and the two-node test.
+    Shared state needs an object store and a tracking server: a local folder or a sqlite file is one node's disk.
+    DRIFTLOOP_HOME is not in it: each node keeps its own, a cache. A value that cannot work: ValueError, one line."""
+    from driftloop.settings import is_object_store
+
+    if not is_object_store(data_root):
+        raise ValueError(f"data root {data_root!r} is a local folder: every node of a cluster must reach it, "
+                        "use an object store (s3://bucket/prefix)")
+    if not tracking_uri.startswith(("http://", "https://")):
+        raise ValueError(f"tracking URI {strip_password(tracking_uri)!r} is not an MLflow server (http://host:5000): "
+                        "every node logs runs and reads the registry through it")
+    env = {"DRIFTLOOP_DATA_ROOT": data_root.rstrip("/"), "MLFLOW_TRACKING_URI": strip_password(tracking_uri),
+           "RAY_AUTH_MODE": "token",  # the Jobs API and the dashboard refuse a request without the cluster's token
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}  # spot nodes: Train checkpoints before a drain
+    if retrain_resources:
+        import json
+
+        from driftloop.jobs import RETRAIN_RESOURCES_ENV, entrypoint_placement
+
+        entrypoint_placement({RETRAIN_RESOURCES_ENV: retrain_resources})  # ValueError, naming the variable
+        env[RETRAIN_RESOURCES_ENV] = json.dumps(json.loads(retrain_resources), separators=(",", ":"))
+    return env

@@ -192,6 +192,29 @@ def test_every_pod_of_the_manifests_gets_the_heads_environment_and_the_images_wo
         assert {c.get("workingDir") for c in containers} == {workdir}, name
 
 
+def test_cluster_files_set_the_environment_driftloop_cluster_env_prints():
+    """One recipe for a node's environment (envs.cluster_env, printed by `driftloop cluster-env`): every pod of the
+    manifests and every node of cluster.yaml sets each of its variables to its value, and each secret it names
+    from a secret store (the admin token where replicas run)."""
+    from driftloop.envs import CLUSTER_SECRETS, cluster_env
+
+    for name in ("rayservice", "rayjob-sweep"):
+        for c in _containers(yaml.safe_load((ROOT / f"deploy/kuberay/{name}.yaml").read_text())):
+            env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+            want = cluster_env(env["DRIFTLOOP_DATA_ROOT"], env["MLFLOW_TRACKING_URI"])
+            assert {k: env.get(k) for k in want} == want, (name, c["name"])
+            secrets = set(CLUSTER_SECRETS) - ({"DRIFTLOOP_ADMIN_TOKEN"} if name == "rayjob-sweep" else set())
+            assert all("secretKeyRef" in (env.get(k) or {}) for k in secrets), (name, c["name"], env)
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    lines = [ln for key in ("setup_commands", "head_setup_commands", "worker_start_ray_commands") for ln in cfg[key]]
+    exported = dict(re.findall(r"export (\w+)=(.*?)['\"]? >> ~/.bashrc", "\n".join(lines)))
+    want = cluster_env(exported["DRIFTLOOP_DATA_ROOT"], "http://head:5000")
+    assert {k: exported.get(k) for k in want if k != "MLFLOW_TRACKING_URI"} == \
+        {k: v for k, v in want.items() if k != "MLFLOW_TRACKING_URI"}, exported
+    assert "MLFLOW_TRACKING_URI" in exported and set(CLUSTER_SECRETS) <= set(exported), exported
+    assert all(exported[k].startswith("$(aws secretsmanager") for k in CLUSTER_SECRETS if not k.endswith("USERNAME"))
+
+
 @pytest.mark.slow
 def test_cluster_yamls_mlflow_server_answers_only_with_credentials_and_keeps_secrets_off_its_command_line(
         tmp_path, monkeypatch):
@@ -267,3 +290,22 @@ def test_cluster_yamls_mlflow_server_answers_only_with_credentials_and_keeps_sec
                 except psutil.Error:
                     pass
 
+
+
+def test_driftloop_cluster_env_is_the_readmes_block_and_refuses_one_node_stores():
+    import shlex
+
+    from tests.conftest import run_cli
+
+    block = re.search(r"<!-- cluster-env -->\n```console\n\$ ([^\n]*)\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block, "the README's cluster-env block"
+    args = shlex.split(block.group(1))[1:]
+    r = run_cli(*args, env={"DRIFTLOOP_DATA_ROOT": "", "MLFLOW_TRACKING_URI": ""})
+    assert r.returncode == 0 and r.stdout == block.group(2), r.stdout + r.stderr
+    for bad, said in ((["--data-root", "/data/tables"], "is a local folder"),
+                      (["--tracking-uri", "sqlite:///mlflow.db"], "is not an MLflow server"),
+                      (["--retrain-resources", "[1]"], "not a JSON object of resource amounts")):
+        given = dict(zip(args[1::2], args[2::2])) | dict([bad])
+        r = run_cli("cluster-env", *[x for kv in given.items() for x in kv])
+        assert r.returncode == 2 and said in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert "secret" not in r.stdout
