@@ -154,7 +154,10 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
                     job = None  # /drift shows the error (since, attempts); the next poll asks again, after backoff
                 self._count_submit_failures()
                 if self.job_tracker.newly_final(job):
-                    if job["status"] == "SUCCEEDED" and not swapped:
+                    # refused: the job succeeded and the champion is still the one it tried to replace. A promoted
+                    # challenger's swap is often seen a poll before its job ends (the job exits after moving the
+                    # alias): that is no refusal (it doubled the cooldown and cleared the windows after each swap)
+                    if job["status"] == "SUCCEEDED" and not swapped and job.get("champion_before") == self.version:
                         self.core.retrained(time.time())  # refused challenger: count afresh, back off benign drift
                     self._dirty = True
             except Exception:  # the registry may be briefly unreachable; keep serving with what we have
