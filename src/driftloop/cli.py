@@ -319,14 +319,12 @@ def cluster_env_cmd(
     if fmt == "shell":
         for k, v in env.items():
             typer.echo(f"export {k}={shlex.quote(v)}")
-        for k, what in CLUSTER_SECRETS.items():
+        for k, (what, _) in CLUSTER_SECRETS.items():
             typer.echo(f"# {k}: {what} (from your secret store)")
         return
     for k, v in env.items():
         typer.echo(f"- {{name: {k}, value: {json.dumps(v)}}}")
-    for k, what in CLUSTER_SECRETS.items():
-        secret, key = ("driftloop-admin", "token") if k == "DRIFTLOOP_ADMIN_TOKEN" else \
-            ("driftloop-mlflow", "username" if k.endswith("USERNAME") else "password")
+    for k, (what, (secret, key)) in CLUSTER_SECRETS.items():
         typer.echo(f"- name: {k}   # {what}\n  valueFrom: {{secretKeyRef: {{name: {secret}, key: {key}}}}}")
 
 

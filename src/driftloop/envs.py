@@ -49,11 +49,13 @@ def shared_env(settings: Settings, environ: Mapping[str, str] | None = None) -> 
 # --- the environment of a multi-node cluster's nodes ------------------------------------------------------------
 
 # set on every node from the platform's secret store (a Kubernetes secret, AWS Secrets Manager): named here, never
-# printed with a value, and never handed on by shared_env
+# printed with a value, and never handed on by shared_env. name -> (what it is, (Kubernetes secret, key))
 CLUSTER_SECRETS = {
-    "MLFLOW_TRACKING_USERNAME": "the MLflow user driftloop logs in as (the tracking server's basic-auth app)",
-    "MLFLOW_TRACKING_PASSWORD": "that user's password",
-    "DRIFTLOOP_ADMIN_TOKEN": "the admin endpoints' bearer token: on every node that runs Serve replicas",
+    "MLFLOW_TRACKING_USERNAME": ("the MLflow user driftloop logs in as (the tracking server's basic-auth app)",
+                                 ("driftloop-mlflow", "username")),
+    "MLFLOW_TRACKING_PASSWORD": ("that user's password", ("driftloop-mlflow", "password")),
+    "DRIFTLOOP_ADMIN_TOKEN": ("the admin endpoints' bearer token: on every node that runs Serve replicas",
+                              ("driftloop-admin", "token")),
 }
 
 

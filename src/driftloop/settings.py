@@ -12,6 +12,27 @@ def is_object_store(uri: str | Path) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
 
 
+def read_object(uri: str) -> bytes | None:
+    """The whole object at an object-store URI, or None when there is none; a store that does not answer raises."""
+    import pyarrow.fs as pafs
+
+    fs, key = pafs.FileSystem.from_uri(uri)
+    try:
+        with fs.open_input_file(key) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def put_object(uri: str, data: bytes) -> None:
+    """Write an object whole (one PUT replaces it: a reader sees the old one or the new one, never half)."""
+    import pyarrow.fs as pafs
+
+    fs, key = pafs.FileSystem.from_uri(uri)
+    with fs.open_output_stream(key) as out:
+        out.write(data)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The embedded defaults under one home folder, each overridable by an environment variable."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from driftloop.settings import is_object_store
+from driftloop.settings import is_object_store, put_object, read_object
 
 META = "__meta__"
 
@@ -24,11 +24,7 @@ def save(where: str | Path, meta: dict[str, Any], arrays: dict[str, np.ndarray])
     buf = io.BytesIO()
     np.savez(buf, **{META: np.frombuffer(json.dumps(meta, default=float).encode(), dtype=np.uint8)}, **arrays)
     if is_object_store(where):
-        import pyarrow.fs as pafs
-
-        fs, key = pafs.FileSystem.from_uri(str(where))
-        with fs.open_output_stream(key) as out:
-            out.write(buf.getvalue())
+        put_object(str(where), buf.getvalue())
         return
     path = Path(str(where).removeprefix("file://"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,14 +41,10 @@ def load(where: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | No
     An object store that does not answer raises: that is not "no snapshot", and starting afresh would forget
     a pending trigger."""
     if is_object_store(where):
-        import pyarrow.fs as pafs
-
-        fs, key = pafs.FileSystem.from_uri(str(where))
-        try:
-            with fs.open_input_file(key) as f:
-                source = io.BytesIO(f.read())
-        except FileNotFoundError:
+        data = read_object(str(where))
+        if data is None:
             return None
+        source = io.BytesIO(data)
     else:
         source = Path(str(where).removeprefix("file://"))
         if not source.is_file():

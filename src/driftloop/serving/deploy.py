@@ -173,10 +173,9 @@ def _shared_keys(cfg: dict) -> None:
     created here, once, by the one process that deploys (serving/ids.py)."""
     from driftloop.serving.ids import ensure_shared_secret
 
-    s = get_settings()
-    if s.remote:
-        for app in cfg.get("applications", []):
-            ensure_shared_secret(s.state_root, app["name"])
+    state_root = get_settings().state_root
+    for app in cfg.get("applications", []):
+        ensure_shared_secret(state_root, app["name"])  # nothing to do on a local root (replicas create it there)
 
 
 def _answering(url: str) -> bool:

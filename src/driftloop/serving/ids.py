@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from driftloop.serving.validation import REQUEST_ID, InvalidInput
-from driftloop.settings import is_object_store
+from driftloop.settings import is_object_store, put_object, read_object
 
 ID_SECRET_ENV = "DRIFTLOOP_ID_SECRET"
 ID_MAX_AGE_ENV = "DRIFTLOOP_ID_MAX_AGE_S"
@@ -119,10 +119,11 @@ def app_secret(state_root: str | Path, app: str) -> bytes:
         return os.environ[ID_SECRET_ENV].encode()
     if is_object_store(state_root):
         where = f"{str(state_root).rstrip('/')}/{_key_name(app)}"
-        secret = _read_object(where)
-        if secret is None:
+        raw = read_object(where)
+        if raw is None:
             raise RuntimeError(f"request-id key {where} does not exist: deploy with `driftloop serve`, which creates it, "
                                f"or set {ID_SECRET_ENV} on every node")
+        secret = raw.strip()
     else:
         path = Path(state_root) / _key_name(app)
         if not path.exists():
@@ -137,26 +138,11 @@ def ensure_shared_secret(state_root: str, app: str) -> None:
     """Create APP's key under an object-store state root unless it is there (the one writer: `driftloop serve`,
     under its deploy lock), also when this process has DRIFTLOOP_ID_SECRET (the replicas may not); a store that
     does not answer raises."""
-    import pyarrow.fs as pafs
-
     if not is_object_store(state_root):
         return
     where = f"{state_root.rstrip('/')}/{_key_name(app)}"
-    if _read_object(where) is None:
-        fs, key = pafs.FileSystem.from_uri(where)
-        with fs.open_output_stream(key) as out:
-            out.write(secrets.token_hex(32).encode())
-
-
-def _read_object(uri: str) -> bytes | None:
-    import pyarrow.fs as pafs
-
-    fs, key = pafs.FileSystem.from_uri(uri)
-    try:
-        with fs.open_input_file(key) as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        return None
+    if read_object(where) is None:
+        put_object(where, secrets.token_hex(32).encode())
 
 
 def _create_secret(path: Path) -> None:
