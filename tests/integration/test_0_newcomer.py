@@ -88,15 +88,20 @@ def test_serve_refuses_without_champion_then_sweep_joins_the_running_head(tmp_pa
         shutil.rmtree(raytmp, ignore_errors=True)
 
 
-def start_head(env: dict, log: Path, cpus: int) -> subprocess.Popen:
-    """`ray start --head --block` on 127.0.0.1 with the dashboard on DASHBOARD_PORT, in its own process group."""
+def ray_node(env: dict, log: Path, *args: str) -> subprocess.Popen:
+    """One `ray start --block` node on 127.0.0.1 (ARGS: --head and its ports, or --address), in its own process
+    group: stop_head ends it and nothing else."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
-                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", f"--num-cpus={cpus}",
-                                 "--disable-usage-stats", "--dashboard-agent-listen-port=0",
-                                 f"--ray-client-server-port={free_port()}"],
+        return subprocess.Popen([ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                                 "--dashboard-agent-listen-port=0", *args],
                                 env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+
+
+def start_head(env: dict, log: Path, cpus: int) -> subprocess.Popen:
+    """`ray start --head --block` on 127.0.0.1 with the dashboard on DASHBOARD_PORT, in its own process group."""
+    return ray_node(env, log, "--head", "--port=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
+                    f"--num-cpus={cpus}", f"--ray-client-server-port={free_port()}")
 
 
 def stop_head(head: subprocess.Popen) -> None:

@@ -13,8 +13,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +25,8 @@ from driftloop import envs
 from driftloop.data import examples
 from tests.conftest import BUCKET, ROOT, run_cli
 from tests.integration.conftest import answers_200, free_port, kill_leftovers, start_mlflow_server, wait_for
-from tests.integration.test_0_newcomer import stop_head
-from tests.integration.test_4_faults import _settled, drift_state, send
+from tests.integration.test_0_newcomer import ray_node, stop_head
+from tests.integration.test_4_faults import _jobs, _settled, drift_state, send
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
@@ -40,15 +38,6 @@ CACHES = ("serving/", "demo/serving/", "state/serve.lock")
 # the worker node's custom resources: retraining jobs go there (DRIFTLOOP_RETRAIN_RESOURCES), and in the node-loss
 # phase the monitor replica too, so that the node this test kills is the one that holds it
 WORKER_RESOURCES = '--resources={"retrain": 1, "monitor": 1}'
-
-
-def ray_node(env: dict, log: Path, *args: str) -> subprocess.Popen:
-    """One `ray start --block` node on 127.0.0.1, in its own process group (stop_head ends it and nothing else)."""
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    with open(log, "w") as out:
-        return subprocess.Popen([ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                                 "--dashboard-agent-listen-port=0", *args],
-                                env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
 
 
 def serve_pinned_monitor(tmp_path: Path, env: dict) -> str:
@@ -157,8 +146,7 @@ def test_loop_on_two_ray_start_nodes_sharing_only_the_object_store(tmp_path, s3,
         assert st0["policy"]["refusals"] == 0 and st0["policy"]["cooldown_s"] == 60, st0["policy"]
 
         def retrain_jobs() -> list[str]:
-            return sorted(j["submission_id"] for j in httpx.get(f"{dash}/api/jobs/", timeout=30).json()
-                          if (j.get("submission_id") or "").startswith(f"driftloop-retrain-digits-v{champion}-"))
+            return [j for j in _jobs(dash, "digits") if j.startswith(f"driftloop-retrain-digits-v{champion}-")]
 
         # complete the current window and half of the next with blurred digits: one more flagged window, no labels
         assert send(base_url(url), "digits", blurred(window - st0["window"]["fill"] + window // 2, 1)).failed == 0
