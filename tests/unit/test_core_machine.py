@@ -1,5 +1,7 @@
-"""MonitorCore under any interleaving of observe, label, swap, refusal and restart (a hypothesis state machine):
-no window mixes two model versions, no label is lost or counted twice, no drift event causes two triggers."""
+"""MonitorCore under any interleaving of observe, label, swap, refusal, manual trigger and restart (a hypothesis
+state machine): no window mixes two model versions, no label is lost or counted twice, no drift event causes two
+triggers, no trigger fires inside a cooldown (doubled), and none is lost: a decision waiting for labels fires with
+its own drift event as soon as labels and cooldown allow, unless a retraining (swap, refusal, manual) took it."""
 
 from __future__ import annotations
 
@@ -47,12 +49,33 @@ class CoreMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.labels_since_reset = 0
         self.trigger_events: list[str] = []
+        self.waiting: str | None = None   # the drift event of a decision that waits for labels
+        self.last_trigger_at: float | None = None
 
     def _detectors(self, version: int) -> WindowedDetectors:
         return WindowedDetectors([VersionCheck(self.seen)], WINDOW, version)
 
     def _take(self, triggers) -> None:
+        pol = self.core.policy
+        for t in triggers:
+            if t.cause != "manual":  # a manual trigger ignores the cooldown; no other fires inside one
+                for since in (self.last_trigger_at, pol.state.swapped_at):
+                    assert since is None or t.at - since >= SPEC.retraining.cooldown_s, (t, since)
+                if self.waiting is not None:  # the waiting decision fires with its own cause, not a later one's
+                    assert t.event_id == self.waiting, (t, self.waiting)
+            self.waiting = None
+            self.last_trigger_at = t.at
         self.trigger_events += [t.event_id for t in triggers if t.event_id]
+        if pol.state.pending_event is not None:
+            assert self.waiting in (None, pol.state.pending_event)
+            self.waiting = pol.state.pending_event
+
+    def _nothing_held_back(self) -> None:
+        """Right after the policy heard a window or labels, a waiting decision whose labels and cooldown allow it
+        has fired: none is lost."""
+        pol = self.core.policy
+        assert not (pol.state.pending and pol.state.labelled >= SPEC.retraining.min_labelled_rows
+                    and not pol.cooling_down(self.now)), pol.snapshot()
 
     @rule(n=st.integers(1, 20), old=st.booleans(), dt=st.floats(0, 3))
     def observe(self, n, old, dt):
@@ -61,26 +84,38 @@ class CoreMachine(RuleBasedStateMachine):
         x = np.full((n, 1), float(v))
         d = self.core.decide(self.core.detect(x, np.zeros((n, 2)), v, self.now), self.now)
         self._take(d.triggers)
+        if d.windows:
+            self._nothing_held_back()
 
     @rule(n=st.integers(1, 6), old=st.booleans())
     def label(self, n, old):
         v = self.core.version - 1 if old and self.core.version > 1 else self.core.version
         trig = self.core.label(v, [True] * n, self.now)
         self.labels_since_reset += n
-        if trig is not None:
-            self._take([trig])
+        self._take([trig] if trig is not None else [])
+        self._nothing_held_back()
 
     @rule()
     def swap(self):
         self.now += 1
         self.core.use(self.core.version + 1, self._detectors(self.core.version + 1), self.now)
-        self.labels_since_reset = 0
+        self.labels_since_reset, self.waiting = 0, None
+        assert self.core.policy.state.pending is None
 
     @rule()
     def refused(self):
         self.now += 1
         self.core.retrained(self.now)
-        self.labels_since_reset = 0
+        self.labels_since_reset, self.waiting = 0, None
+        assert self.core.policy.state.pending is None
+
+    @rule(dt=st.floats(0, 3))
+    def manual(self, dt):
+        """`driftloop retrain` / POST /admin/retrain: fires at once, cooldown or not, and takes a waiting decision."""
+        self.now += dt
+        trig = self.core.policy.manual(self.now, self.core.version)
+        assert trig.cause == "manual" and self.core.policy.state.pending is None
+        self._take([trig])
 
     @rule()
     def restart(self):

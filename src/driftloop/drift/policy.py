@@ -143,8 +143,11 @@ class Policy:
         if self.cooling_down(now):
             return None
         if self.state.labelled < self.spec.min_labelled_rows:
-            self.state.pending, self.state.pending_cause, self.state.pending_event = reason, cause, event_id
+            if self.state.pending is None:  # the first cause waits for the labels; a later one does not re-attribute it
+                self.state.pending, self.state.pending_cause, self.state.pending_event = reason, cause, event_id
             return None
+        if self.state.pending:  # a decision that waited for labels fires now, under its own cause (its drift event)
+            return self._retry_pending(now, champion)
         return self._emit(reason, now, champion, cause, event_id)
 
     def _retry_pending(self, now: float, champion: int | None) -> Trigger | None:
