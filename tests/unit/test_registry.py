@@ -144,6 +144,30 @@ def test_archive_old_fails_closed_on_a_registry_error(home):
         registry.archive_old(s, "m", keep_versions=1, keep_champions=1)
 
 
+def test_the_gate_refuses_on_a_registry_error_and_moves_nothing(home):
+    """Defect 1 of #12 without Ray: the gate read an erroring registry as "no champion yet" and promoted the
+    challenger as the "first version". Now the store fault is raised, the alias stays, no decision is recorded."""
+    import numpy as np
+
+    from driftloop.config import parse_spec
+
+    spec = parse_spec({"name": "m", "dataset": {"source": "x.csv", "table": "t", "features": ["a"], "label": "y",
+                                                 "classes": [0, 1]}})
+    s = get_settings().ensure()
+    c = _model(s, "m", 2)
+    registry.promote(s, "m", 1)
+    db = s.tracking_uri.removeprefix("sqlite:///")
+    with sqlite3.connect(db) as con:
+        con.execute("ALTER TABLE registered_model_aliases RENAME TO aliases_gone")
+    with pytest.raises(registry.RegistryUnavailable, match="model registry at sqlite:///.* unavailable"):
+        registry.gate_and_promote(s, spec, 2, np.zeros((4, 1), np.float32), np.zeros(4, int), "t")
+    with sqlite3.connect(db) as con:
+        con.execute("ALTER TABLE aliases_gone RENAME TO registered_model_aliases")
+    assert registry.champion_version(s, "m") == 1                 # not the challenger
+    assert registry.champion_history(s, "m") == [1]
+    assert "gate.decision" not in c.get_model_version("m", "2").tags   # no half-recorded decision
+
+
 def test_a_version_trained_on_other_category_lists_is_not_served_with_this_spec(home):
     from driftloop.config import parse_spec
     from driftloop.features import input_digest
