@@ -89,3 +89,13 @@ def test_a_regression_spec_has_no_classes_and_is_scored_on_errors(digits_dict):
             parse_spec(bad, "r.yaml")
     d["sweep"]["metric"] = "val_mae"
     assert parse_spec(d, "r.yaml").tune_metric == ("val_mae", "min")
+
+
+def test_cvm_online_on_many_features_is_refused_with_what_to_do():
+    base = {"name": "m", "dataset": {"source": "x.csv", "table": "t", "features": [f"f{i}" for i in range(64)],
+                                      "label": "y", "classes": [0, 1]}}
+    with pytest.raises(SpecError, match=r"cvm_online tests each of the 64 features .* at ert 1000 .* 76,763 simulated "
+                                        r"streams .* lower ert, or use mmd_online"):
+        parse_spec({**base, "drift": {"detectors": [{"kind": "cvm_online"}]}})
+    assert parse_spec({**base, "drift": {"detectors": [{"kind": "cvm_online", "ert": 250}]}}).drift.detectors[0].ert == 250
+    assert parse_spec({**base, "drift": {"detectors": [{"kind": "mmd_online"}]}})   # one multivariate test: any width

@@ -73,3 +73,16 @@ def test_online_detector_state_survives_a_restart(kind, tmp_path):
     a, b = live.update(more, np.repeat(p, 5, 0)), restarted.update(more, np.repeat(p, 5, 0))
     assert a.distance == pytest.approx(b.distance, rel=1e-5) and a.is_drift == b.is_drift
     assert restarted.time == live.time > t
+
+
+def test_cvm_online_builds_for_as_many_features_as_the_spec_allows(tmp_path):
+    """CVMDriftOnline tests each feature at 1/(ert x features): with 12 features at ert 1000 alibi-detect's default
+    10,000 null streams cannot estimate that quantile, and fitting failed ("should not be estimated using only
+    10000 samples"). The streams now follow the feature count; the fitted detector alarms on a shift."""
+    rng = np.random.default_rng(4)
+    x_ref = rng.normal(size=(200, 12)).astype(np.float32)
+    spec = DriftSpec(window=50, reference_rows=200, detectors=[DetectorSpec(kind="cvm_online", ert=1000, window_sizes=[10])])
+    names = [f"f{i}" for i in range(12)]
+    det = load_detectors(fit_detectors(spec, x_ref, np.full((200, 2), 0.5, np.float32), names, tmp_path / "d"), 2)[0][0]
+    res = det.update(rng.normal(size=(80, 12)).astype(np.float32) + 3.0, np.full((80, 2), 0.5, np.float32))
+    assert res is not None and res.is_drift

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from driftloop.config import DetectorSpec, DriftSpec
+from driftloop.config import DetectorSpec, DriftSpec, cvm_online_streams
 
 MANIFEST = "detectors.json"
 ONLINE_KINDS = {"cvm_online", "mmd_online"}
@@ -98,7 +98,10 @@ def _build(d: DetectorSpec, x_ref: np.ndarray, p_val: float, layout: Layout):
     if d.kind == "cvm_online":
         from alibi_detect.cd import CVMDriftOnline
 
-        return CVMDriftOnline(x_ref, ert=d.ert, window_sizes=d.window_sizes, verbose=False)
+        # its per-feature thresholds are simulated: enough null streams for the feature count (config.cvm_online_streams),
+        # in batches that bound memory (each stream holds a (reference + window)^2 boolean matrix)
+        return CVMDriftOnline(x_ref, ert=d.ert, window_sizes=d.window_sizes, verbose=False,
+                              n_bootstraps=cvm_online_streams(d.ert, x_ref.shape[1]), batch_size=200)
     if d.kind == "mmd_online":
         from alibi_detect.cd import MMDDriftOnline
 
