@@ -1,7 +1,7 @@
 """The monitor's decisions, with no I/O and no Ray: the champion's windowed detectors, rolling accuracy (or, for
 regression, rolling error) per model version, and the retraining policy, driven by an explicit clock (`now`).
 
-The live DriftMonitor (serving/app.py) and `driftloop backtest` both drive this one class, so a backtest
+The live DriftMonitor (serving/monitor.py) and `driftloop backtest` both drive this one class, so a backtest
 decides exactly what the served app would have decided on the same rows, labels and times.
 Detection (`detect`, CPU-heavy) and decisions (`decide`, `label`) are separate calls so that a caller may run
 detection in a worker thread while every policy change happens on one thread.
