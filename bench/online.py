@@ -26,8 +26,8 @@ def run() -> dict:
 
     from bench.common import ROOT, wilson
     from bench.detection import _model
-    from driftloop.config import CVM_ONLINE_MAX_STREAMS, DetectorSpec, DriftSpec, cvm_online_streams, load_spec
-    from driftloop.drift.detectors import fit_detectors, load_detectors
+    from driftloop.config import DetectorSpec, DriftSpec, load_spec
+    from driftloop.drift.detectors import CVM_ONLINE_MAX_STREAMS, cvm_online_streams
     from driftloop.data import examples
     from driftloop.model import predict_outputs
     from driftloop.train import split_frame
@@ -50,7 +50,7 @@ def run() -> dict:
                 e for e in ERTS if cvm_online_streams(e, len(feats)) <= CVM_ONLINE_MAX_STREAMS)
             dspec = DriftSpec(window=500, reference_rows=spec.drift.reference_rows, detectors=[DetectorSpec(kind=kind, ert=ert)])
             t0 = time.perf_counter()
-            det = load_detectors(fit_detectors(dspec, x_ref, predict_outputs(model, x_ref), feats, f"{tmp}/{kind}"), 10)[0][0]
+            det = _fitted(dspec, x_ref, model, feats, f"{tmp}/{kind}")
             fit_s = time.perf_counter() - t0
             rng = np.random.default_rng(11)
             clean = x_clean[rng.integers(0, len(x_clean), CLEAN_ROWS)]
@@ -87,16 +87,23 @@ def run() -> dict:
     return out
 
 
+def _fitted(dspec, x_ref: np.ndarray, model, feats: list[str], path: str):
+    """The spec's one detector, fitted on x_ref (and the model's outputs there), saved and loaded as the monitor does."""
+    from driftloop.drift.detectors import fit_detectors, load_detectors
+    from driftloop.model import predict_outputs
+
+    return load_detectors(fit_detectors(dspec, x_ref, predict_outputs(model, x_ref), feats, path), 10)[0][0]
+
+
 def _ties_broken(dspec, x_ref, clean, model, feats, path) -> dict:
     """CVM's thresholds are simulated for continuous data; digits' pixels take 17 values. Refit and rerun on the
     same rows with uniform +-0.5 jitter (reference and stream): what is left of the false alarms without ties."""
-    from driftloop.drift.detectors import fit_detectors, load_detectors
     from driftloop.model import predict_outputs
 
     rng = np.random.default_rng(12)
     jr = x_ref + rng.uniform(-0.5, 0.5, x_ref.shape).astype(np.float32)
     jc = clean + rng.uniform(-0.5, 0.5, clean.shape).astype(np.float32)
-    det = load_detectors(fit_detectors(dspec, jr, predict_outputs(model, jr), feats, path), 10)[0][0]
+    det = _fitted(dspec, jr, model, feats, path)
     return {"distinct_values_per_feature_median": float(np.median([len(np.unique(x_ref[:, j])) for j in range(x_ref.shape[1])])),
             "false_alarms_jittered": len(_alarm_rows(det, jc, predict_outputs(model, jc)))}
 

@@ -116,7 +116,7 @@ def headline(r: dict) -> list[str]:
                 f"median {v['median_rows']:.0f} rows, p90 {v['p90_rows']:.0f} rows ({v['detected']} detected)"
                 if v["median_rows"] is not None else f"not detected ({v['detected']})", "within one window after the onset's window", None)
     for kind, v in ((r.get("online") or {}).get("detectors") or {}).items():
-        ert = v.get("ert", r["online"]["ert"])
+        ert = v["ert"]
         row(f"online detector {kind} (ert {ert}): false alarms on clean rows",
             f"{v['false_alarms']} in {r['online']['clean_rows']:,} rows = {v['false_alarms_per_ert']:.2f} per {ert} rows "
             f"(95 % CI {v['false_alarms_per_ert_ci95'][0]:.2f}–{v['false_alarms_per_ert_ci95'][1]:.2f})",
@@ -356,6 +356,7 @@ def render(r: dict) -> str:
                 "shifts; here BBSD and per-feature KS both flag every corruption at severity >= 3 in the first window — see the table for the weak severities.", ""]
     on = r.get("online")
     if on and "detectors" in on:
+        onsets = list(next(iter(on["detectors"].values()))["delay"])
         out += ["## Online detectors (digits)", "",
                 f"`window_sizes: {on['window_sizes']}`; mmd_online at the default `ert: {on['ert']}`, cvm_online at the largest "
                 f"ert the spec accepts for 64 features (it tests each at 1/(ert x features)). Fed one row at a time through "
@@ -364,22 +365,21 @@ def render(r: dict) -> str:
                 f"{on['streams']} streams of {on['prefix_rows']} clean rows then the corruption; rows after the onset to the "
                 f"first alarm, a miss when none within {on['max_rows_after_onset']}.", "",
                 "| detector | ert | false alarms (per ert rows, 95 % CI) | mean run length | " +
-                " | ".join(f"delay {c}: median / p90 (detected)" for c in next(iter(on["detectors"].values()))["delay"])
-                + " | threshold set-up s | update ms/row |",
-                "|---|---|---|---|" + "---|" * len(next(iter(on["detectors"].values()))["delay"]) + "---|---|"]
+                " | ".join(f"delay {c}: median / p90 (detected)" for c in onsets) + " | threshold set-up s | update ms/row |",
+                "|---|---|---|---|" + "---|" * len(onsets) + "---|---|"]
         for kind, v in on["detectors"].items():
             delays = [f"{d['median_rows']:.0f} / {d['p90_rows']:.0f} ({d['detected']})" if d["median_rows"] is not None
                       else f"- ({d['detected']})" for d in v["delay"].values()]
             mrl = "-" if v["mean_run_length"] is None else f"{v['mean_run_length']:.0f}"
-            out.append(f"| {kind} | {v.get('ert', on['ert'])} | {v['false_alarms']} = {v['false_alarms_per_ert']:.2f} "
+            out.append(f"| {kind} | {v['ert']} | {v['false_alarms']} = {v['false_alarms_per_ert']:.2f} "
                        f"({v['false_alarms_per_ert_ci95'][0]:.2f}–{v['false_alarms_per_ert_ci95'][1]:.2f}) | {mrl} | "
                        + " | ".join(delays) + f" | {v['fit_s']:.1f} | {v['update_ms_per_row']:.2f} |")
             if v.get("ties"):
                 t = v["ties"]
                 out.append(f"| {kind}, ties broken (+-0.5 jitter on reference and stream; the pixels take "
-                           f"{t['distinct_values_per_feature_median']:.0f} values) | {v.get('ert', on['ert'])} | "
-                           f"{t['false_alarms_jittered']} = {t['false_alarms_jittered'] * v.get('ert', on['ert']) / on['clean_rows']:.2f} | "
-                           + " | ".join("" for _ in v["delay"]) + " | | |")
+                           f"{t['distinct_values_per_feature_median']:.0f} values) | {v['ert']} | "
+                           f"{t['false_alarms_jittered']} = {t['false_alarms_jittered'] * v['ert'] / on['clean_rows']:.2f} | "
+                           + " | " * len(onsets) + " | | |")
         out += ["", "cvm_online simulates its thresholds for continuous features, per feature at 1/(ert x features); the row "
                 "with ties broken tests whether the pixels' discrete values explain its false alarms. mmd_online is one "
                 "multivariate test with thresholds bootstrapped from the reference itself.", ""]

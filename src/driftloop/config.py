@@ -213,19 +213,6 @@ class SweepSpec(_Strict):
         return v
 
 
-CVM_ONLINE_MAX_STREAMS = 20_000  # simulated when the detector is built, at every monitor start: ~1 min here
-
-
-def cvm_online_streams(ert: int, n_features: int) -> int:
-    """Null streams CVMDriftOnline must simulate: it tests each feature at 1 - (1 - 1/ert)^(1/features), and a
-    quantile that far out needs more than 1/beta streams (alibi-detect refuses fewer), with room for the streams it
-    drops as they cross a threshold."""
-    import math
-
-    beta = 1 - (1 - 1 / ert) ** (1 / max(n_features, 1))
-    return max(10_000, math.ceil(1.2 / beta))
-
-
 class DetectorSpec(_Strict):
     kind: Literal["ks", "cvm", "mmd", "lsdd", "bbsd", "cvm_online", "mmd_online", "missing"] = Field(
         description="ks: per-feature KS (chi-square on categorical features); missing: chi-square on the missing rate "
@@ -370,12 +357,14 @@ class Spec(_Strict):
                      (g.metric in ("rmse", "mae"), f"retraining.gate.metric: {g.metric} applies to regression"),
                      (g.metric in (None, "accuracy") and abs(g.min_improvement) > 1,
                       "retraining.gate.min_improvement: an accuracy margin lies in [-1, 1]")]
+        from driftloop.drift.detectors import CVM_ONLINE_MAX_STREAMS, cvm_online_streams
+
         for d in self.drift.detectors:
-            if d.kind == "cvm_online" and cvm_online_streams(d.ert, self.n_features) > CVM_ONLINE_MAX_STREAMS:
-                wrong.append((True, f"drift.detectors: cvm_online tests each of the {self.n_features} features at false-alarm "
-                                    f"rate 1/(ert x features); at ert {d.ert} its thresholds need "
-                                    f"{cvm_online_streams(d.ert, self.n_features):,} simulated streams at every monitor start "
-                                    f"(at most {CVM_ONLINE_MAX_STREAMS:,}): lower ert, or use mmd_online (one multivariate test)"))
+            streams = cvm_online_streams(d.ert, self.n_features) if d.kind == "cvm_online" else 0
+            wrong.append((streams > CVM_ONLINE_MAX_STREAMS,
+                          f"drift.detectors: cvm_online tests each of the {self.n_features} features at false-alarm rate "
+                          f"1/(ert x features); at ert {d.ert} its thresholds need {streams:,} simulated streams at every "
+                          f"monitor start (at most {CVM_ONLINE_MAX_STREAMS:,}): lower ert, or use mmd_online (one multivariate test)"))
         for bad, msg in wrong:
             if bad:
                 raise ValueError(msg)

@@ -14,10 +14,23 @@ from typing import Any
 
 import numpy as np
 
-from driftloop.config import DetectorSpec, DriftSpec, cvm_online_streams
+from driftloop.config import DetectorSpec, DriftSpec
 
 MANIFEST = "detectors.json"
 ONLINE_KINDS = {"cvm_online", "mmd_online"}
+CVM_ONLINE_MAX_STREAMS = 20_000  # simulated when the detector is built, at every monitor start: ~40 s here (bench/online.py)
+
+
+def cvm_online_streams(ert: int, n_features: int) -> int:
+    """Null streams CVMDriftOnline must simulate: it tests each feature at 1 - (1 - 1/ert)^(1/features), and a
+    quantile that far out needs more than 1/beta streams (alibi-detect refuses fewer), with room for the streams it
+    drops as they cross a threshold."""
+    import math
+
+    beta = 1 - (1 - 1 / ert) ** (1 / max(n_features, 1))
+    return max(10_000, math.ceil(1.2 / beta))
+
+
 # Drawn at random when an online detector is built (loading one builds it again): its thresholds (simulated) and,
 # for MMD, the reference/test split. A restarted detector must keep them, or its running state means nothing.
 RANDOM_SETUP = ("thresholds", "ref_inds", "init_test_inds", "k_xx_sub", "k_xx_sub_sum")
@@ -98,7 +111,7 @@ def _build(d: DetectorSpec, x_ref: np.ndarray, p_val: float, layout: Layout):
     if d.kind == "cvm_online":
         from alibi_detect.cd import CVMDriftOnline
 
-        # its per-feature thresholds are simulated: enough null streams for the feature count (config.cvm_online_streams),
+        # its per-feature thresholds are simulated: enough null streams for the feature count (cvm_online_streams),
         # in batches that bound memory (each stream holds a (reference + window)^2 boolean matrix)
         return CVMDriftOnline(x_ref, ert=d.ert, window_sizes=d.window_sizes, verbose=False,
                               n_bootstraps=cvm_online_streams(d.ert, x_ref.shape[1]), batch_size=200)
