@@ -130,7 +130,7 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: flo
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         from driftloop.serving.app import DriftMonitor, Predictor
-        from driftloop.serving.ids import ensure_shared_secret
+        from driftloop.ids import ensure_shared_secret
 
         ensure_shared_secret(s.state_root, spec.name)  # under an s3:// data root: the key every replica reads
 

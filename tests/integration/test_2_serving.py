@@ -187,7 +187,7 @@ def test_feedback_is_durable_before_2xx_and_feeds_rolling_accuracy(app, settings
 
 def signed_id(settings, version: int, rows: int = 1, age_s: float = 0.0, app_name: str = "digits") -> str:
     """An id signed with the application's key (as /predict would issue it) that no row was served under."""
-    from driftloop.serving.ids import app_secret, issue
+    from driftloop.ids import app_secret, issue
 
     return issue(app_secret(settings.state_dir, app_name), version, rows, now=time.time() - age_s)
 

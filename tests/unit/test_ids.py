@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from driftloop.serving import ids
+from driftloop import ids
 from driftloop.serving.validation import MAX_ID_CHARS, InvalidInput
 
 KEY = b"s" * 32

@@ -19,7 +19,7 @@ import pytest
 
 from driftloop.config import load_spec, parse_spec
 from driftloop.data import logs, maintenance, tables
-from driftloop.serving import ids as request_ids
+from driftloop import ids as request_ids
 from driftloop.settings import get_settings
 from tests.conftest import ROOT, run_cli
 

@@ -82,7 +82,7 @@ def test_request_id_keys_are_one_object_every_replica_reads(s3, home, monkeypatc
     """Under an object-store data root the request-id key is shared by replicas on every node: `driftloop serve`
     creates it once (a second deploy keeps it), replicas read it and never create it, a missing one refuses the
     replica's start in one line."""
-    from driftloop.serving import ids
+    from driftloop import ids
     from driftloop.settings import get_settings
 
     env, client = s3

@@ -85,7 +85,7 @@ def test_a_table_label_must_be_a_finite_number_and_is_stored_as_float():
 
 
 def test_feedback_takes_a_finite_number():
-    from driftloop.serving.ids import issue
+    from driftloop.ids import issue
 
     rid = issue(b"k" * 32, 1, 1)
     assert parse_feedback_any({"request_id": rid, "label": 151}, None) == [(rid, 151.0)]

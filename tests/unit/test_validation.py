@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from driftloop.serving.ids import issue
+from driftloop.ids import issue
 from driftloop.serving.validation import InvalidInput, check_table_name, parse_feedback, parse_json, parse_rows, read_limited
 
 FEATS = ["a", "b", "c"]
@@ -55,7 +55,7 @@ def test_json_limits():
     assert parse_json(json.dumps({"row": {"a": 1}}).encode()) == {"row": {"a": 1}}
 
 
-RID = issue(b"k" * 32, 3, 1)  # the shape of an id /predict issues (signed: driftloop.serving.ids)
+RID = issue(b"k" * 32, 3, 1)  # the shape of an id /predict issues (signed: driftloop.ids)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_good_feedback():
 
 
 def test_a_batch_of_labels_is_checked_item_by_item():
-    from driftloop.serving.ids import row_ids
+    from driftloop.ids import row_ids
     from driftloop.serving.validation import MAX_LABELS_PER_REQUEST, parse_feedback_any
 
     ids = row_ids(issue(b"k" * 32, 3, 4), 4)
@@ -115,7 +115,7 @@ def test_a_batch_of_labels_is_checked_item_by_item():
 
 def test_every_row_id_of_a_batch_passes_the_shape_check():
     """Defect 1: /predict issues `<id>-<i>` for the rows of a batch; /feedback refused them (32 hex chars only)."""
-    from driftloop.serving.ids import row_ids
+    from driftloop.ids import row_ids
 
     for rid in row_ids(issue(b"k" * 32, 3, 4), 4):
         assert parse_feedback({"request_id": rid, "label": 1}, list(range(10))) == (rid, 1)

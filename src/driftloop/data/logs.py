@@ -91,7 +91,7 @@ def labelled_rows(settings: Settings, spec: Spec, after_ts: float = 0.0) -> pd.D
     Incremental: only feedback past the watermark is read, and only the inference rows of those ids, bounded below by
     the issue time the ids carry, so the cost follows the new labels, not the age of the logs."""
     from driftloop.data.maintenance import DAY
-    from driftloop.serving.ids import issued_at_unverified
+    from driftloop.ids import issued_at_unverified
 
     u = uris(settings, spec)
     cols = ["request_id", "ts", "feedback_ts", "model_version", "prediction", *spec.dataset.features, spec.dataset.label]

@@ -170,8 +170,8 @@ def _one_deploy_at_a_time():
 
 def _shared_keys(cfg: dict) -> None:
     """Under an object-store data root, each application's request-id key is an object that every replica reads:
-    created here, once, by the one process that deploys (serving/ids.py)."""
-    from driftloop.serving.ids import ensure_shared_secret
+    created here, once, by the one process that deploys (ids.py)."""
+    from driftloop.ids import ensure_shared_secret
 
     state_root = get_settings().state_root
     for app in cfg.get("applications", []):

@@ -15,7 +15,7 @@ from ray import serve
 from driftloop.config import Spec
 from driftloop.features import input_digest
 from driftloop.scoring import predictions
-from driftloop.serving import ids as request_ids
+from driftloop import ids as request_ids
 from driftloop.serving import ui
 from driftloop.serving.common import (ADMIN_TOKEN_ENV, FEEDBACK_BURST, FEEDBACK_RATE, FRESH_ID_S, HANDOFF_S,
                                       HEALTH_CHECK_PERIOD_S, POLL_S, PREDICT_TOKEN_ENV, ChampionWatcher, PollLoops, _app_name,

@@ -9,20 +9,12 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
+from driftloop.invalid_input import InvalidInput
+from driftloop.ids import REQUEST_ID  # what /predict issues; anything else is refused unlooked-up
+
 MAX_BODY_BYTES = 1_000_000
 MAX_BATCH_ROWS = 256
 MAX_ID_CHARS = 128
-# what /predict issues (driftloop.serving.ids): version.issued-ms.rows.random.mac, and `-<i>` for a row of a batch;
-# anything else is refused unlooked-up
-REQUEST_ID = re.compile(r"(\d{1,9})\.([0-9a-z]{1,10})\.([0-9a-z]{1,4})\.([0-9a-f]{16})\.([0-9a-f]{32})(?:-(0|[1-9]\d{0,5}))?")
-
-
-class InvalidInput(ValueError):
-    """A request that is refused with HTTP 4xx; `status` is the code, str() the message."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
 
 
 def _reject_constant(name: str) -> float:

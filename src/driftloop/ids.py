@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from driftloop.serving.validation import REQUEST_ID, InvalidInput
+from driftloop.invalid_input import InvalidInput
 from driftloop.settings import is_object_store, put_object, read_object
 
 ID_SECRET_ENV = "DRIFTLOOP_ID_SECRET"
@@ -25,6 +25,8 @@ DEFAULT_MAX_AGE_S = 30 * 86400.0  # labels arrive days later, not months: a spec
 CLOCK_SKEW_S = 300.0  # replicas' clocks may disagree a little; an id "from the future" beyond this is refused
 MAC_HEX = 32  # 128 bits of the HMAC: forging one online is hopeless
 MIN_SECRET_BYTES = 16
+# version.issued-ms.rows.random.mac, and `-<i>` for a row of a batch
+REQUEST_ID = re.compile(r"(\d{1,9})\.([0-9a-z]{1,10})\.([0-9a-z]{1,4})\.([0-9a-f]{16})\.([0-9a-f]{32})(?:-(0|[1-9]\d{0,5}))?")
 
 
 @dataclass(frozen=True)
