@@ -12,17 +12,16 @@ from ray import serve
 
 from driftloop.config import Spec
 from driftloop.drift.core import MonitorCore
-from driftloop.scoring import predictions
-from driftloop.serving.common import (HEALTH_CHECK_PERIOD_S, KNOWN_IDS, LOG_FLUSH_S, NEW_DATA_CHECK_S, POLL_S, ChampionWatcher,
-                                      PollLoops, _app_name, log)
-from driftloop.serving.limits import BoundedMap
+from driftloop.scoring import label_score, predictions
+from driftloop.serving.common import (HEALTH_CHECK_PERIOD_S, LOG_FLUSH_S, NEW_DATA_CHECK_S, POLL_S, ChampionWatcher, PollLoops,
+                                      _app_name, log)
 from driftloop.serving.monitor_state import MonitorState
-from driftloop.serving.stores import RowStores
+from driftloop.serving.stores import FeedbackStore, InferenceLog
 
 
 @serve.deployment(name="DriftMonitor", num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256,
                   health_check_period_s=HEALTH_CHECK_PERIOD_S)
-class DriftMonitor(RowStores, MonitorState, PollLoops):
+class DriftMonitor(MonitorState, PollLoops):
     """Owns the drift windows of one application: detectors from the champion, inference log, feedback,
     drift events, metrics, and the retraining policy."""
 
@@ -40,17 +39,12 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
         self.champion_data_version = -1  # the training-table version the champion was trained on
         self._data_checked_at = 0.0
         self.manifest: dict = {}
-        self.known: BoundedMap = BoundedMap(KNOWN_IDS)  # request id -> (model version, prediction); older: the log
-        self.log_buffer: list = []
-        self.pending_labels: list = []
-        self._label_writer: asyncio.Task | None = None
         self.feedback_count = 0
         self.dropped_reported = 0
         self.restored: list[dict] = []
         self.job_tracker = None  # set lazily: the job tracker (driftloop.jobs.JobTracker)
         app_name = _app_name()  # one state file per Serve application: two apps of one model keep separate windows
         self.state_path = f"{self.settings.state_root}/monitor-{app_name}-{self.name}.npz"  # a local path or an object
-        self._init_feedback_state(app_name)
         self.pending_submit: dict | None = None  # a trigger decided but not yet handed to the job tracker
         self._dirty = False
         self.persisted_at: float | None = None
@@ -80,6 +74,8 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
         self.m_submit_failures = metrics.Counter("driftloop_retrain_submit_failures_total",
                                                  "Retraining submissions the Ray Jobs API refused or never answered", tag_keys=tags)
         self.m_submit_failures.set_default_tags({"model": self.name})
+        self.inference_log = InferenceLog(self.settings, self.spec, on_dropped=self.m_log_dropped.inc)  # served rows
+        self.labels = FeedbackStore(self.settings, self.spec, app_name)  # ground truth, once per served row
         self._submit_failures_seen = 0  # the tracker's count already added to the counter
         self._last_submit: dict | None = None  # what the Jobs API said to the last trigger handed to it
         self._swap_if_needed_sync()
@@ -212,10 +208,8 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
             self.dropped_reported += dropped
         x, proba, version = batch["x"], batch["proba"], int(batch["version"])
         preds = predictions(proba, self.spec)
-        for rid, p in zip(batch["ids"], preds):
-            self.known[rid] = (version, p.item())
-        self.log_buffer.append((batch["ids"], batch["ts"], version, x, preds))
-        self._bound_log_buffer()
+        self.labels.served(batch["ids"], version, preds)
+        self.inference_log.add(batch["ids"], batch["ts"], version, x, preds)
         self.m_samples.inc(len(x))
         async with self._lock:  # the version check and the window update see the same detectors (no swap between)
             now = time.time()
@@ -244,13 +238,35 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
                 self.m_pval.set(r.p_val, tags={"model": self.name, "detector": r.name})
             if r.distance is not None:
                 self.m_score.set(r.distance, tags={"model": self.name, "detector": r.name})
-        await asyncio.to_thread(self._append, "drift_events", logs.drift_event_frame(rep.as_dict()))
+        await asyncio.to_thread(logs.append, self.settings, self.spec, "drift_events", logs.drift_event_frame(rep.as_dict()))
 
     async def _on_alarm(self, event: dict) -> None:
         """An online detector's alarm is a drift event of its own; a trigger it causes names that event."""
         from driftloop.data import logs
 
-        await asyncio.to_thread(self._append, "drift_events", logs.drift_event_frame(event))
+        await asyncio.to_thread(logs.append, self.settings, self.spec, "drift_events", logs.drift_event_frame(event))
+
+    # --- labels in --------------------------------------------------------------------------------------
+
+    async def feedback(self, request_id: str, label: int) -> dict[str, Any]:
+        """Record a ground-truth label (the feedback store: durable, once per served row) and count a new one toward
+        the rolling accuracy and the policy; a repeat is answered without counting, so repeats cannot trigger retraining."""
+        self._ensure_tasks()
+        res = await self.labels.record(request_id, label)
+        if res["status"] != 200 or res["duplicate"]:
+            return res
+        version = res["model_version"]
+        self.feedback_count += 1
+        trig = self.core.label(version, [label_score(res["prediction"], label, self.spec.regression)], time.time())
+        self.m_acc.set(float(sum(self.correct[version]) / len(self.correct[version])), tags={"model": self.name, "version": str(version)})
+        self._dirty = True
+        await self._on_trigger(trig)
+        return res
+
+    async def feedback_many(self, items: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        """Labels of a batch, decided together: their commits share the group commit's appends; each result is
+        what /feedback would answer for that label alone."""
+        return list(await asyncio.gather(*(self.feedback(rid, label) for rid, label in items)))
 
     async def _on_trigger(self, trig) -> None:
         if trig is None:
@@ -305,9 +321,9 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
             if self._maintenance_due():  # its own task: flushing and snapshots go on while it compacts
                 self._maintenance_task = asyncio.get_running_loop().create_task(self._maintain())
             try:
-                if time.monotonic() - last_log >= LOG_FLUSH_S or sum(len(b[0]) for b in self.log_buffer) >= 5000:
+                if time.monotonic() - last_log >= LOG_FLUSH_S or self.inference_log.rows >= 5000:
                     last_log = time.monotonic()
-                    await self.flush()
+                    await self.inference_log.flush()
             except Exception:
                 log.exception("inference log flush failed; will retry")
             try:
@@ -331,7 +347,7 @@ class DriftMonitor(RowStores, MonitorState, PollLoops):
                           for x in (d.batch + d.online)] if d else [],
             "recent": recent[::-1], "restored_history": self.restored[::-1], "online": d.online_last if d else {},
             ("rolling_error" if self.spec.regression else "rolling_accuracy"): rolling, "feedback": self.feedback_count, "dropped_rows": self.dropped_reported,
-            "inference_log_dropped_rows": self.log_dropped,
+            "inference_log_dropped_rows": self.inference_log.dropped,
             "policy": self.policy.snapshot(), "retraining": job, "maintenance": self.maintenance, "registry": self.watcher.error or {"ok": True},
             "state": {"path": str(self.state_path), "persisted_at": self.persisted_at, "restored": self.restored_state,
                       "pending_submit": self.pending_submit, "unsaved_changes": self._dirty,

@@ -1,74 +1,104 @@
-"""The DriftMonitor's durable rows: the inference log (buffered, bounded while Delta writes fail) and ground-truth
-labels (once per served row, group-committed to the feedback table before the 2xx). A mixin of DriftMonitor."""
+"""The DriftMonitor's durable rows, as two small stores it holds: the inference log (served rows, buffered and
+bounded while Delta writes fail) and the feedback store (ground-truth labels, once per served row, group-committed
+to the feedback table before the 2xx). They do I/O and bookkeeping only; what a new label means for the windows,
+the rolling accuracy and the policy is decided by the monitor (and its MonitorCore)."""
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
-
-from driftloop.scoring import label_score
-from driftloop.serving import ids as request_ids
+from driftloop import ids as request_ids
+from driftloop.config import Spec
+from driftloop.invalid_input import InvalidInput
 from driftloop.serving.common import FRESH_ID_S, KNOWN_IDS, LABEL_COVER_MARGIN_S, LOG_BUFFER_ROWS, log
 from driftloop.serving.limits import BoundedMap, Coalescer, trim_oldest
-from driftloop.serving.validation import InvalidInput
+from driftloop.settings import Settings
 
 
-class RowStores:
-    """Inference log and feedback of one application (state in DriftMonitor's constructor)."""
+def _append(settings: Settings, spec: Spec, kind: str, df) -> None:
+    from driftloop.data import logs
 
-    def _init_feedback_state(self, app_name: str) -> None:
-        """Feedback bookkeeping: the shared request-id key, labels seen (bounded), lookups that coalesce."""
-        self.id_secret = request_ids.app_secret(self.settings.state_root, app_name)
-        self.log_dropped = 0
-        # every label of an id issued after this went through this replica (and is in `labelled` unless evicted)
+    logs.append(settings, spec, kind, df)
+
+
+class InferenceLog:
+    """Served rows on their way to the inference log table: one Delta version per flush. While writes fail the
+    newest LOG_BUFFER_ROWS rows are kept for the next attempt and the older ones are counted as dropped."""
+
+    def __init__(self, settings: Settings, spec: Spec, on_dropped: Callable[[int], None] = lambda n: None,
+                 max_rows: int | None = None):
+        self.settings, self.spec = settings, spec
+        self.on_dropped = on_dropped  # e.g. a Prometheus counter's inc
+        self.max_rows = LOG_BUFFER_ROWS if max_rows is None else max_rows
+        self.buffer: list = []  # (ids, ts, version, x, predictions) per observed batch
+        self.dropped = 0
+        self.append = _append  # the table write (settings, spec, kind, frame)
+
+    def add(self, ids: list[str], ts: list[float], version: int, x, preds) -> None:
+        self.buffer.append((ids, ts, version, x, preds))
+        self._bound()
+
+    @property
+    def rows(self) -> int:
+        return sum(len(b[0]) for b in self.buffer)
+
+    async def flush(self) -> int:
+        """Write the buffered rows as one Delta version; on failure they stay buffered (within the bound) and it raises."""
+        import pandas as pd
+
+        from driftloop.data import logs
+
+        if not self.buffer:
+            return 0
+        buf, self.buffer = self.buffer, []
+        df = pd.concat([logs.inference_frame(self.spec, ids, ts, v, x, p) for ids, ts, v, x, p in buf], ignore_index=True)
+        try:
+            await asyncio.to_thread(self.append, self.settings, self.spec, "inference", df)
+        except Exception:
+            self.buffer = buf + self.buffer  # keep them for the next attempt, within the bound
+            self._bound()
+            raise
+        return len(df)
+
+    def _bound(self) -> None:
+        self.buffer, dropped = trim_oldest(self.buffer, self.max_rows, lambda chunk: len(chunk[0]))
+        if dropped:
+            self.dropped += dropped
+            self.on_dropped(dropped)
+            log.warning("inference log buffer full: dropped the %d oldest served rows (%d in all)", dropped, self.dropped)
+
+
+class FeedbackStore:
+    """Labels of one application's served rows. `record` verifies the signed id, decides one label of an id at a time,
+    answers a repeat (same label: acknowledged, different: 409) without counting it, finds the served row (memory,
+    then the inference log) and commits a new label durably (group commit) before it returns."""
+
+    def __init__(self, settings: Settings, spec: Spec, app_name: str, known: BoundedMap | None = None):
+        self.settings, self.spec = settings, spec
+        self.id_secret = request_ids.app_secret(settings.state_root, app_name)
+        self.known = BoundedMap(KNOWN_IDS) if known is None else known  # request id -> (model version, prediction)
+        # every label of an id issued after this went through this store (and is in `labelled` unless evicted)
         self.labels_cover_from = time.time() + LABEL_COVER_MARGIN_S
-        self.labelled: BoundedMap = BoundedMap(KNOWN_IDS, on_evict=self._forgot_label)  # id -> (label, issued_at)
+        self.labelled = BoundedMap(KNOWN_IDS, on_evict=self._forgot_label)  # id -> (label, issued_at)
         self._labelling: dict[str, asyncio.Future] = {}  # ids with a label being decided: one decision at a time
         self._label_lookups = Coalescer(self._read_labels)
         self._prediction_lookups = Coalescer(self._read_predictions)
+        self._pending: list = []  # (request id, label, ts, future) waiting for the group commit
+        self._writer: asyncio.Task | None = None
+        self.append = _append  # the table write (settings, spec, kind, frame)
+
+    def served(self, ids: list[str], version: int, preds) -> None:
+        """Rows just served: their labels find them here without a lookup (the oldest are forgotten, then looked up)."""
+        for rid, p in zip(ids, preds):
+            self.known[rid] = (version, p.item())
 
     def _forgot_label(self, request_id: str, value: tuple[int, float]) -> None:
         """An evicted label must still be found: ids issued up to its issue time are looked up again."""
         self.labels_cover_from = max(self.labels_cover_from, value[1])
 
-    def _append(self, kind: str, df) -> None:
-        from driftloop.data import logs
-
-        logs.append(self.settings, self.spec, kind, df)
-
-    async def flush(self) -> int:
-        """Write buffered served rows to the inference log (one Delta version per micro-batch)."""
-        from driftloop.data import logs
-
-        if not self.log_buffer:
-            return 0
-        buf, self.log_buffer = self.log_buffer, []
-        frames = [logs.inference_frame(self.spec, ids, ts, v, x, p) for ids, ts, v, x, p in buf]
-        import pandas as pd
-
-        df = pd.concat(frames, ignore_index=True)
-        try:
-            await asyncio.to_thread(self._append, "inference", df)
-        except Exception:
-            self.log_buffer = buf + self.log_buffer  # keep them for the next attempt, within the bound
-            self._bound_log_buffer()
-            raise
-        return len(df)
-
-    def _bound_log_buffer(self) -> None:
-        """While the inference log cannot be written, keep the newest LOG_BUFFER_ROWS rows; count what is dropped."""
-        self.log_buffer, dropped = trim_oldest(self.log_buffer, LOG_BUFFER_ROWS, lambda chunk: len(chunk[0]))
-        if dropped:
-            self.log_dropped += dropped
-            self.m_log_dropped.inc(dropped)
-            log.warning("inference log buffer full: dropped the %d oldest served rows (%d in all)", dropped, self.log_dropped)
-
-    # --- feedback --------------------------------------------------------------------------------------
-    async def feedback(self, request_id: str, label: int) -> dict[str, Any]:
-        """Record a ground-truth label durably, once per served row: a repeat is acknowledged (same label) or
-        refused (409, another label), never counted again, so repeating a label cannot trigger retraining."""
-        self._ensure_tasks()
+    async def record(self, request_id: str, label: int) -> dict[str, Any]:
+        """What /feedback answers for one label: "status" (200, 404 unknown, 409 another label on record, 4xx a
+        forged or expired id), and for a 200 "duplicate", "model_version" and "prediction" of the served row."""
         try:
             rid = request_ids.verify(self.id_secret, request_id)
         except InvalidInput as err:
@@ -77,18 +107,12 @@ class RowStores:
             await asyncio.shield(busy)
         done = self._labelling[request_id] = asyncio.get_running_loop().create_future()
         try:
-            return await self._label_once(rid, label)
+            return await self._record_once(rid, label)
         finally:
             del self._labelling[request_id]
             done.set_result(None)
 
-    async def feedback_many(self, items: list[tuple[str, int]]) -> list[dict[str, Any]]:
-        """Labels of a batch, decided together: their commits share the group commit's appends; each result is
-        what /feedback would answer for that label alone."""
-        return list(await asyncio.gather(*(self.feedback(rid, label) for rid, label in items)))
-
-    async def _label_once(self, rid: request_ids.RequestId, label: int) -> dict[str, Any]:
-        """Decide one label while no other label of the same id is being decided."""
+    async def _record_once(self, rid: request_ids.RequestId, label: int) -> dict[str, Any]:
         request_id = rid.request_id
         existing = await self._existing_label(rid)
         if existing is not None:
@@ -103,15 +127,8 @@ class RowStores:
             return {"status": 404, "error": f"unknown request_id {request_id!r}: no served row on record "
                                             "(rows sampled out under overload are not monitored)"}
         version, pred = known
-        now = time.time()
-        await self._commit_label(request_id, label, now)
+        await self._commit(request_id, label, time.time())
         self.labelled[request_id] = (label, rid.issued_at)
-        self.feedback_count += 1
-        trig = self.core.label(version, [label_score(pred, label, self.spec.regression)], now)
-        self.m_acc.set(float(np.mean(self.correct[version])), tags={"model": self.name, "version": str(version)})
-        self._dirty = True
-        if trig is not None:
-            await self._on_trigger(trig)
         return {"status": 200, "request_id": request_id, "label": label, "duplicate": False, "model_version": version,
                 "prediction": pred}
 
@@ -142,22 +159,22 @@ class RowStores:
                 self.known[rid.request_id] = known
         return known
 
-    async def _commit_label(self, request_id: str, label: int, now: float) -> None:
+    async def _commit(self, request_id: str, label: int, now: float) -> None:
         """Group commit: labels that arrive together share one Delta append; each caller returns only
         after the append that holds its label has committed (or raises if it failed)."""
         fut = asyncio.get_running_loop().create_future()
-        self.pending_labels.append((request_id, label, now, fut))
-        if self._label_writer is None or self._label_writer.done():
-            self._label_writer = asyncio.get_running_loop().create_task(self._write_labels())
+        self._pending.append((request_id, label, now, fut))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
         await fut
 
-    async def _write_labels(self) -> None:
+    async def _write(self) -> None:
         from driftloop.data import logs
 
-        while self.pending_labels:
-            batch, self.pending_labels = self.pending_labels, []
+        while self._pending:
+            batch, self._pending = self._pending, []
             try:
-                await asyncio.to_thread(self._append, "feedback", logs.feedback_frame([b[:3] for b in batch]))
+                await asyncio.to_thread(self.append, self.settings, self.spec, "feedback", logs.feedback_frame([b[:3] for b in batch]))
             except Exception as err:
                 for b in batch:
                     if not b[3].done():
