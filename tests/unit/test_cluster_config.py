@@ -207,12 +207,47 @@ def test_cluster_files_set_the_environment_driftloop_cluster_env_prints():
             assert all("secretKeyRef" in (env.get(k) or {}) for k in secrets), (name, c["name"], env)
     cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     lines = [ln for key in ("setup_commands", "head_setup_commands", "worker_start_ray_commands") for ln in cfg[key]]
-    exported = dict(re.findall(r"export (\w+)=(.*?)['\"]? >> ~/.bashrc", "\n".join(lines)))
+    exported = dict(re.findall(r"""['"]export (\w+)=([^'"]*)['"]""", "\n".join(lines)))
     want = cluster_env(exported["DRIFTLOOP_DATA_ROOT"], "http://head:5000")
     assert {k: exported.get(k) for k in want if k != "MLFLOW_TRACKING_URI"} == \
         {k: v for k, v in want.items() if k != "MLFLOW_TRACKING_URI"}, exported
     assert "MLFLOW_TRACKING_URI" in exported and set(CLUSTER_SECRETS) <= set(exported), exported
     assert all(exported[k].startswith("$(aws secretsmanager") for k in CLUSTER_SECRETS if not k.endswith("USERNAME"))
+
+
+def test_cluster_yamls_node_environment_is_written_once_however_often_setup_and_start_run(tmp_path):
+    """cluster.yaml's commands that write a node's environment, run here by bash three times (a re-run of `ray up`,
+    restarts): ~/.bashrc sources one file once, each variable is exported once, and a login shell gets the values
+    `driftloop cluster-env` names (Secrets Manager is a stand-in `aws`)."""
+    import subprocess
+
+    from driftloop.envs import cluster_env
+
+    bin_, home = tmp_path / "bin", tmp_path / "home"
+    bin_.mkdir()
+    home.mkdir()
+    (home / ".bashrc").write_text("# the image's own .bashrc\n")
+    aws = bin_ / "aws"
+    aws.write_text('#!/bin/sh\necho "secret-of-$4"\n')
+    aws.chmod(0o755)
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    writes = [c for key in ("setup_commands", "head_setup_commands", "worker_start_ray_commands") for c in cfg[key]
+              if "~/.bashrc" in c or "~/.driftloop_" in c]
+    script = "\n".join(writes).replace("hostname -I", "echo 10.0.0.5")
+    env = {"HOME": str(home), "PATH": f"{bin_}:/usr/bin:/bin", "RAY_HEAD_IP": "10.0.0.5"}
+    for _ in range(3):
+        done = subprocess.run(["bash", "-c", script], env=env, cwd=home, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+    bashrc = (home / ".bashrc").read_text()
+    assert bashrc.count("driftloop") == 1, bashrc
+    exports = re.findall(r"^export (\w+)=", (home / ".driftloop_env").read_text(), re.M)
+    assert len(exports) == len(set(exports)), exports
+    shell = subprocess.run(["bash", "-c", ". ~/.bashrc && env"], env=env, cwd=home, capture_output=True, text=True, timeout=30)
+    got = dict(line.split("=", 1) for line in shell.stdout.splitlines() if "=" in line)
+    want = cluster_env("s3://YOUR-BUCKET/driftloop/tables", "http://10.0.0.5:5000")
+    assert {k: got.get(k) for k in want} == want, got
+    assert got["MLFLOW_TRACKING_PASSWORD"] == "secret-of-driftloop/mlflow-user"
+    assert got["PATH"].split(":").count(f"{home}/driftloop/.venv/bin") == 1
 
 
 @pytest.mark.slow
