@@ -32,6 +32,17 @@ def test_cooldown_blocks_then_allows():
     assert p.on_window(True, 101, 1) is not None
 
 
+def test_windows_flagged_during_a_cooldown_count_at_the_first_window_after_it():
+    """A cooldown delays a drift trigger but keeps the k-of-m memory: no later flagged window is needed."""
+    p = Policy(spec())  # k=2 of m=3, cooldown 100 s
+    assert p.on_window(True, 0, 1) is None and p.on_window(True, 1, 1) is not None  # fired at t=1
+    assert p.on_window(True, 50, 1) is None and p.on_window(True, 60, 1) is None      # flagged, cooling down
+    t = p.on_window(False, 102, 1)                                                    # a clean window after it
+    assert t is not None and t.reason == "drift in 2 of the last 3 windows (k=2)"
+    p.retrained(103, swapped=True)  # the swap clears what the old champion's windows said
+    assert p.state.recent == [] and p.on_window(True, 300, 2) is None
+
+
 def test_min_labelled_rows_defers_the_trigger():
     p = Policy(spec(policy=PolicySpec(k=1, m=1), min_labelled_rows=100))
     assert p.on_window(True, 0, 1) is None
