@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,34 +100,34 @@ def _reference(settings: Settings, spec: Spec, drift_event: str | None, champion
                           spec.drift.reference_rows, reference_min_rows(spec), lambda f: encode_frame(f, spec.dataset))
 
 
-def run_retrain(spec: Spec, settings: Settings, job_id: str, reason: str, drift_event: str | None = None,
-                cause: str = "") -> dict[str, Any]:
-    """Build the new data version, retrain with Ray Train, gate against the champion, register, promote."""
-    from driftloop import registry
-    from driftloop.cluster import ensure_ray
-    from driftloop.data import tables
+@dataclass
+class DataBuild:
+    """Step 1 of a retraining job: the data version it trains on, the held-out rows its gate scores, the reference
+    its detectors are fitted on."""
+
+    labelled: int  # labelled production rows found past the watermark
+    eval_rows: Any  # the newest eval_fraction of them, held out for the gate
+    dv: Any  # the table's data version to train on (with the production rows, when enough were found)
+    reference: Any
+
+
+def build_data(settings: Settings, spec: Spec, uri: str, job_id: str, drift_event: str | None = None,
+               champion_since: float | None = None, after_ts: float | None = None) -> DataBuild:
+    """New data version = the table + labelled production rows not yet in it (inference log joined with feedback,
+    past the table's watermark, or past `after_ts`); the newest eval_fraction is held out. A retry of the same
+    trigger finds the version its earlier attempt committed and reuses it. Then the drift reference."""
+    from driftloop.data import logs, tables
     from driftloop.data.ingest import ingest_frame
-    from driftloop.data import logs
-    from driftloop.train import decode_hparams
 
-    t0 = time.time()
-    uri = settings.table_uri(spec.dataset.table)
-    if not tables.exists(uri):
-        raise LoopError(f"no table {spec.dataset.table!r} at {uri}: retraining needs the training data (`driftloop data ingest`)")
-    champion = registry.champion_version(settings, spec.name)
-    stages: dict[str, float] = {}
     base_id = re.sub(r"-r\d+$", "", job_id)  # retries of one trigger share it
-
-    # 1. new data version: labelled production rows not yet in the table; newest eval_fraction held out.
-    # A retry of the same trigger finds the version its earlier attempt committed and reuses it.
     earlier = _version_of_trigger(uri, base_id)
     if earlier is not None:
         labelled = logs.labelled_rows(settings, spec, after_ts=float(earlier["production_from"]))
         upto = float(earlier["production_upto"])
         train_rows, eval_rows = labelled[labelled["feedback_ts"] <= upto], labelled[labelled["feedback_ts"] > upto]
-        n, n_eval, version = len(labelled), len(eval_rows), int(earlier["version"])
+        version = int(earlier["version"])
     else:
-        mark = _watermark(uri)
+        mark = _watermark(uri) if after_ts is None else after_ts
         labelled = logs.labelled_rows(settings, spec, after_ts=mark)
         n = len(labelled)
         n_eval = int(round(n * spec.retraining.eval_fraction)) if n else 0
@@ -138,11 +139,32 @@ def run_retrain(spec: Spec, settings: Settings, job_id: str, reason: str, drift_
             version = ingest_frame(train_rows, uri, spec.dataset, f"production:{job_id}",
                                    {"production_upto": str(upto), "production_from": str(mark), "job_id": job_id,
                                     "trigger_id": base_id, "drift_event": drift_event or ""})
-    dv = tables.data_version(uri, version)
+    reference = _reference(settings, spec, drift_event, champion_since, set(train_rows["request_id"]))
+    return DataBuild(len(labelled), eval_rows, tables.data_version(uri, version), reference)
+
+
+def run_retrain(spec: Spec, settings: Settings, job_id: str, reason: str, drift_event: str | None = None,
+                cause: str = "") -> dict[str, Any]:
+    """Build the new data version, retrain with Ray Train, gate against the champion, register, promote."""
+    from driftloop import registry
+    from driftloop.cluster import ensure_ray
+    from driftloop.data import tables
+    from driftloop.train import decode_hparams
+
+    t0 = time.time()
+    uri = settings.table_uri(spec.dataset.table)
+    if not tables.exists(uri):
+        raise LoopError(f"no table {spec.dataset.table!r} at {uri}: retraining needs the training data (`driftloop data ingest`)")
+    champion = registry.champion_version(settings, spec.name)
+    stages: dict[str, float] = {}
+    base_id = re.sub(r"-r\d+$", "", job_id)  # retries of one trigger share it
+
+    # 1. new data version and reference
     champion_since = None
     if champion is not None:
         champion_since = registry.client(settings).get_model_version(spec.name, str(champion)).creation_timestamp / 1000
-    reference = _reference(settings, spec, drift_event, champion_since, set(train_rows["request_id"]))
+    built = build_data(settings, spec, uri, job_id, drift_event, champion_since)
+    dv, eval_rows, reference, n, n_eval = built.dv, built.eval_rows, built.reference, built.labelled, len(built.eval_rows)
     stages["data_build_s"] = time.time() - t0
 
     # 2. distributed retraining on the champion's hyperparameters, 3. gate, register, promote

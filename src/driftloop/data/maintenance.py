@@ -83,8 +83,14 @@ def compact(uri: str) -> dict[str, int]:
 
     before = file_counts(uri)["active"]
     props = WriterProperties(max_row_group_size=ROW_GROUP_ROWS)
-    _retry(f"compacting {uri}", lambda: tables._table(uri).optimize.compact(writer_properties=props))
-    return {"files_before": before, "files_after": file_counts(uri)["active"]}
+
+    def once():
+        dt = tables._table(uri)
+        dt.optimize.compact(writer_properties=props)
+        return len(dt.file_uris())  # the version this compaction committed, before any append that followed it
+
+    compacted = _retry(f"compacting {uri}", once)
+    return {"files_before": before, "files_after": file_counts(uri)["active"], "files_compacted": compacted}
 
 
 def expire(uri: str, retention_days: float, now: float) -> int:
@@ -135,6 +141,7 @@ def maintain_table(uri: str, retention_days: float, grace_hours: float, now: flo
     after = file_counts(uri)
     return {"exists": True, "rows_expired": expired, "files_before": before["active"], "files_after": after["active"],
             "stored_before": before["stored"], "stored_after": after["stored"], "compacted_from": compacted["files_before"],
+            "files_compacted": compacted["files_compacted"],
             "files_vacuumed": vacuumed, "version": int(dt.version())}
 
 
