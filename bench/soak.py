@@ -419,9 +419,10 @@ def _probe(base: str, bodies: list[bytes], labels: list[int], names: dict[int, s
             except httpx.HTTPError:
                 ok = False
             pred.append((time.perf_counter() - t) * 1000)
-            ids.append(r.json()["predictions"][0]["id"] if ok else None)
+            answer = r.json() if ok else None
+            ids.append(answer["predictions"][0]["id"] if ok else None)
             if ok:
-                versions.add(r.json()["model_version"])
+                versions.add(answer["model_version"])
             errors["predict"] += not ok
         cpu = _cpu_diff(cpu0, _cpu_by_process(names), time.perf_counter() - t_cpu, requests=len(bodies)) if cpu0 is not None else None
         time.sleep(FRESH_ID_S + 1)
@@ -737,10 +738,8 @@ def _reads(start: dict, end: dict, jobs: dict) -> dict:
           "seconds_ratio_end_over_start": _ratio(start["seconds"], end["seconds"])}
     bd = {"start": start.get("build"), "end": end.get("build"),
           "seconds_ratio_end_over_start": _ratio((start.get("build") or {}).get("seconds"), (end.get("build") or {}).get("seconds"))}
-    per_k = lambda r: round(1000 * r["data_build_s"] / r["labelled_rows"], 3) if r and r.get("labelled_rows") else None  # noqa: E731
     db = {"first": first, "last": last, "jobs": len(built), "runs": built,
-          "seconds_ratio_last_over_first": _ratio(first["data_build_s"], last["data_build_s"]) if len(built) >= 2 else None,
-          "seconds_per_1000_labelled_rows": [per_k(r) for r in built]}
+          "seconds_ratio_last_over_first": _ratio(first["data_build_s"], last["data_build_s"]) if len(built) >= 2 else None}
     ratios = [lr["seconds_ratio_end_over_start"], bd["seconds_ratio_end_over_start"]]
     return {"labelled_rows": lr, "build": bd, "data_build": db, "target_ratio": READ_RATIO_MAX,
             "ok": all(v is not None and v <= READ_RATIO_MAX for v in ratios)}

@@ -39,6 +39,11 @@ def _watermark(uri: str) -> float:
     return max(marks) if marks else 0.0
 
 
+def _trigger_id(job_id: str) -> str:
+    """The submission id of a trigger's first attempt: its retries (`-rN`) share it."""
+    return re.sub(r"-r\d+$", "", job_id)
+
+
 def _cause(cause: str, drift_event: str | None) -> str:
     """Lineage's one word on why: the trigger's own cause, else the drift event, else manual."""
     return cause or (f"drift event {drift_event}" if drift_event else "manual")
@@ -119,7 +124,7 @@ def build_data(settings: Settings, spec: Spec, uri: str, job_id: str, drift_even
     from driftloop.data import logs, tables
     from driftloop.data.ingest import ingest_frame
 
-    base_id = re.sub(r"-r\d+$", "", job_id)  # retries of one trigger share it
+    base_id = _trigger_id(job_id)
     earlier = _version_of_trigger(uri, base_id)
     if earlier is not None:
         labelled = logs.labelled_rows(settings, spec, after_ts=float(earlier["production_from"]))
@@ -157,7 +162,7 @@ def run_retrain(spec: Spec, settings: Settings, job_id: str, reason: str, drift_
         raise LoopError(f"no table {spec.dataset.table!r} at {uri}: retraining needs the training data (`driftloop data ingest`)")
     champion = registry.champion_version(settings, spec.name)
     stages: dict[str, float] = {}
-    base_id = re.sub(r"-r\d+$", "", job_id)  # retries of one trigger share it
+    base_id = _trigger_id(job_id)
 
     # 1. new data version and reference
     champion_since = None
