@@ -145,3 +145,20 @@ def test_each_refused_challenger_doubles_the_cooldown_until_a_swap():
     assert p.snapshot()["cooldown_s"] == 400
     p.retrained(now=300, swapped=True)
     assert p.snapshot()["cooldown_s"] == 100 and p.state.refusals == 0
+
+
+def test_a_label_counts_in_the_period_its_time_on_record_falls_in_as_a_restart_counts_it():
+    """A restarted monitor counts labels from the feedback table: those recorded after the last retraining (and
+    after the last trigger). A live monitor counts a label once its commit is acknowledged; a label recorded just
+    before a retraining finished and acknowledged just after must not count toward the next one, or a restart
+    changes the count (seen in the two-node test: 125 labels live, 117 after the restore)."""
+    p = Policy(spec(min_labelled_rows=100))
+    assert p.on_window(True, 1.0, 1) is None and p.on_window(True, 2.0, 1) is None  # pending: too few labels
+    p.retrained(10.0, swapped=True)
+    stamped = [9.5, 10.5, 11.0]  # the first was recorded before the retraining finished
+    assert p.on_labels(len(stamped), None, 11.2, 2, stamped=stamped) is None
+    st = p.state  # what a restart counts from the table (serving/monitor_state.py): the same
+    assert p.state.labelled == sum(t > st.labelled_since for t in stamped) == 2
+    assert p.state.labels_since_trigger == sum(t > (st.last_trigger_at or st.labelled_since) for t in stamped) == 2
+    p.on_labels(1, None, 12.0, 2)  # without times on record (the backtest): every label counts
+    assert p.state.labelled == 3

@@ -58,7 +58,7 @@ def bare_monitor(settings, spec):
     m.pending_submit = None
     counted = []
     on_labels = m.policy.on_labels
-    m.policy.on_labels = lambda n, *a: (counted.append(n), on_labels(n, *a))[1]
+    m.policy.on_labels = lambda n, *a, **kw: (counted.append(n), on_labels(n, *a, **kw))[1]
     m.counted = counted
     return m
 

@@ -76,15 +76,15 @@ class MonitorCore:
                 out.triggers.append(trig)
         return out
 
-    def label(self, version: int, correct: list[float], now: float) -> Trigger | None:
+    def label(self, version: int, correct: list[float], now: float, stamped: list[float] | None = None) -> Trigger | None:
         """Labelled rows served by `version` (per row: right or not, or the absolute error): the rolling metric of that
-        version, label counts for the policy."""
+        version, label counts for the policy (`stamped`: each label's time on record, see Policy.on_labels)."""
         dq = self.correct.setdefault(version, deque(maxlen=self.spec.drift.window))
         dq.extend(float(c) for c in correct)
         acc = float(np.mean(dq)) if version == self.version and len(dq) >= min(MIN_ACCURACY_LABELS, dq.maxlen) else None
         if self.spec.regression:  # the error's floor (max_error); accuracy drops are a classifier's
-            return self.policy.on_labels(len(correct), None, now, self.version, rolling_error=acc)
-        trig = self.policy.on_labels(len(correct), acc, now, self.version)
+            return self.policy.on_labels(len(correct), None, now, self.version, rolling_error=acc, stamped=stamped)
+        trig = self.policy.on_labels(len(correct), acc, now, self.version, stamped=stamped)
         return trig or self._block_check(version, correct, now)
 
     def _block_check(self, version: int, correct: list[bool], now: float) -> Trigger | None:

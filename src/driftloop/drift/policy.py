@@ -68,11 +68,18 @@ class Policy:
                           f"drift event {event_id}" if event_id else f"online alarm {detector}", event_id)
 
     def on_labels(self, n: int, rolling_accuracy: float | None, now: float, champion: int | None,
-                  rolling_error: float | None = None) -> Trigger | None:
+                  rolling_error: float | None = None, stamped: list[float] | None = None) -> Trigger | None:
         """Labelled rows came in; the champion's rolling accuracy (classification) or mean absolute error (regression)
-        over its last window of labels, None while too few."""
-        self.state.labelled += n
-        self.state.labels_since_trigger += n
+        over its last window of labels, None while too few. With `stamped` (each label's time in the feedback table)
+        a label counts only toward the periods it was recorded in, as a restart counts them from the table: one
+        recorded just before a retraining finished, and acknowledged just after, is not a label since it."""
+        s = self.state
+        if stamped is None:
+            s.labelled += n
+            s.labels_since_trigger += n
+        else:
+            s.labelled += sum(t > s.labelled_since for t in stamped)
+            s.labels_since_trigger += sum(t > (s.last_trigger_at or s.labelled_since) for t in stamped)
         p = self.spec.policy
         if p.max_error is not None and rolling_error is not None and rolling_error > p.max_error:
             return self._fire(f"rolling error (MAE) {rolling_error:.4g} above max {p.max_error:g}", now, champion, "max error")

@@ -253,11 +253,13 @@ class DriftMonitor(MonitorState, PollLoops):
         the rolling accuracy and the policy; a repeat is answered without counting, so repeats cannot trigger retraining."""
         self._ensure_tasks()
         res = await self.labels.record(request_id, label)
+        at = res.pop("_at", None)  # a new label's time on record: it counts as a restart would count it
         if res["status"] != 200 or res["duplicate"]:
             return res
         version = res["model_version"]
         self.feedback_count += 1
-        trig = self.core.label(version, [label_score(res["prediction"], label, self.spec.regression)], time.time())
+        trig = self.core.label(version, [label_score(res["prediction"], label, self.spec.regression)], time.time(),
+                               stamped=None if at is None else [at])
         self.m_acc.set(float(sum(self.correct[version]) / len(self.correct[version])), tags={"model": self.name, "version": str(version)})
         self._dirty = True
         await self._on_trigger(trig)

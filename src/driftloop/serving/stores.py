@@ -127,10 +127,11 @@ class FeedbackStore:
             return {"status": 404, "error": f"unknown request_id {request_id!r}: no served row on record "
                                             "(rows sampled out under overload are not monitored)"}
         version, pred = known
-        await self._commit(request_id, label, time.time())
+        at = time.time()  # the label's time in the feedback table
+        await self._commit(request_id, label, at)
         self.labelled[request_id] = (label, rid.issued_at)
         return {"status": 200, "request_id": request_id, "label": label, "duplicate": False, "model_version": version,
-                "prediction": pred}
+                "prediction": pred, "_at": at}
 
     async def _existing_label(self, rid: request_ids.RequestId) -> int | None:
         """The label already recorded for an id: from memory, or from the feedback table when the id may
