@@ -47,11 +47,11 @@ def running_replicas(app: str, deployment: str) -> int:
     return dep.replica_states.get("RUNNING", 0) if dep else 0
 
 
-def send(base: str, app: str, df, concurrency=8, rps=0.0, labels=False):
+def send(base: str, app: str, df, concurrency=8, rps=0.0, labels=False, batch=1):
     from driftloop.replay import replay_async
 
     return asyncio.run(replay_async(base, app, df, F, "digit", rps=rps, labels=labels, concurrency=concurrency,
-                                    keep_responses=True))
+                                    keep_responses=True, batch=batch))
 
 
 def drift_state(url: str) -> dict | None:
