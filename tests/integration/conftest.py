@@ -135,13 +135,13 @@ def serving_spec(session_home):
     # The monitor's scheduled maintenance compacts its logs every 10 s under all of test_2's traffic (replaced
     # files stay an hour: no reader loses a file it is reading).
     return write_spec(session_home / "digits-serving.yaml", **{
-        "training.epochs": 8, "sweep.grace_period": 3, "retraining.min_labelled_rows": 10**9,
+        "sweep.trials": 2, "training.epochs": 8, "sweep.grace_period": 3, "retraining.min_labelled_rows": 10**9,
         "lifecycle.maintenance_every_s": 10, "lifecycle.vacuum_grace_hours": 1})
 
 
 @pytest.fixture(scope="session")
 def trained(settings, serving_spec):
-    """Ingest digits and run the spec's sweep (4 trials, 2 workers each): the shared champion."""
+    """Ingest digits and run the spec's sweep (2 trials at once, 2 workers each): the shared champion."""
     from driftloop.config import load_spec
     from driftloop.data.ingest import ingest
     from driftloop.sweep import run_sweep

@@ -21,7 +21,7 @@ def test_digits_sweep_tracks_registers_and_promotes(trained, settings):
     from driftloop import registry
 
     spec, o = trained
-    assert o.trials >= 4 and spec.training.workers == 2
+    assert o.trials == spec.sweep.trials == 2 and spec.training.workers == 2
     assert o.promoted and o.reason == "first version"
     c = registry.client(settings)
     tags = registry.version_tags(settings, "digits", o.version)
