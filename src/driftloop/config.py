@@ -226,7 +226,12 @@ class DetectorSpec(_Strict):
 
 class DriftSpec(_Strict):
     window: int = Field(default=500, ge=10)
-    p_val: float = Field(default=0.05, gt=0, lt=1)
+    p_val: float = Field(default=0.05, gt=0, lt=1, description="a clean window's chance of being flagged: the monitor "
+                         "flags a window when any detector fires, so by default each window detector tests at p_val / "
+                         "their count (see p_val_split)")
+    p_val_split: Literal["bonferroni", "each"] = Field(
+        default="bonferroni", description="bonferroni: p_val is the whole set's false-alarm budget, split evenly over the "
+        "window detectors (the missing-rate test included when it is added); each: every detector tests at p_val")
     reference_rows: int = Field(default=1000, ge=10)
     history: int = Field(default=20, ge=1, description="window results kept in /drift")
     detectors: list[DetectorSpec] = Field(default_factory=lambda: [DetectorSpec(kind="bbsd"), DetectorSpec(kind="ks")])

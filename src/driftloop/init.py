@@ -224,7 +224,7 @@ sweep:
     lr: {{loguniform: [0.001, 0.01]}}
 drift:
   window: {inf.window}                   # rows per drift test: a tenth of the file, in [50, 500]
-  p_val: 0.01
+  p_val: 0.01                   # a clean window's chance of a flag, split over the detectors below
   reference_rows: {inf.reference_rows}           # at most 30 % of the file (the held-out splits supply them)
   detectors:
     - {{kind: ks, correction: bonferroni}}   # per-feature Kolmogorov-Smirnov on the inputs (chi-square on categories)

@@ -143,8 +143,9 @@ def test_two_own_tables_side_by_side_init_ingest_sweep_serve_drift_retrain_swap(
         assert "127.0.0.1:8000" in listening and all(a.startswith("127.0.0.1:") for a in listening), listening
         _cancer_answers(cli, work)
         _diabetes_answers(cli, work)
-        # each model's own production rows, in file order, each label arriving some rows late; both streams at once
-        sent = dict(zip(MODELS, both.map(lambda n: cli("replay", n, "--from", MODELS[n]["file"], "--labels",
+        # each model's own production rows, in file order, each label arriving some rows late; both streams at once,
+        # in 5-row requests (single rows cost ~15 ms of CPU each, which the retraining jobs then lack on 2 cores)
+        sent = dict(zip(MODELS, both.map(lambda n: cli("replay", n, "--from", MODELS[n]["file"], "--labels", "--batch", "5",
                                                         "--label-delay", str(MODELS[n]["delay"]), "--rps", "40"), MODELS)))
         for name, m in MODELS.items():
             assert sent[name].returncode == 0

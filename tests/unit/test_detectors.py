@@ -41,6 +41,23 @@ def test_batch_detectors_flag_a_shift_and_name_features(fitted):
     assert next(d for d in dets if d.kind == "bbsd").predict(clean, skewed).is_drift
 
 
+def test_the_window_detectors_share_p_val_so_a_clean_window_is_flagged_at_most_that_often(fitted, tmp_path):
+    """The monitor flags a window when any detector fires: by default each of the five window detectors tests at
+    0.01 / 5 (the online one has its own expected run time); `p_val_split: each` gives each the whole 0.01."""
+    dets, manifest = fitted
+    assert manifest["p_val"] == 0.01 and manifest["p_val_split"] == "bonferroni" and manifest["p_val_each"] == 0.01 / 5
+    rng = np.random.default_rng(4)
+    x, proba = rng.normal(size=(100, 4)).astype(np.float32), rng.dirichlet(np.ones(3), size=100).astype(np.float32)
+    thr = {d.kind: d.predict(x, proba).threshold for d in dets if not d.online}
+    assert thr["mmd"] == pytest.approx(0.002) and thr["lsdd"] == pytest.approx(0.002)
+    assert thr["ks"] == pytest.approx(0.002 / 4) and thr["bbsd"] == pytest.approx(0.002 / 3)  # then per column
+    spec = DriftSpec(window=100, p_val=0.01, p_val_split="each", reference_rows=300,
+                     detectors=[DetectorSpec(kind="ks"), DetectorSpec(kind="mmd", n_permutations=20)])
+    each, m = load_detectors(fit_detectors(spec, x, proba, ["a", "b", "c", "d"], tmp_path), 3)
+    assert m["p_val_each"] == 0.01
+    assert [d.predict(x, proba).threshold for d in each] == pytest.approx([0.01 / 4, 0.01])
+
+
 def test_online_detector_alarms_on_a_shift(fitted):
     dets, _ = fitted
     online = next(d for d in dets if d.online)

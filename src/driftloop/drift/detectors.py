@@ -144,15 +144,18 @@ def fit_detectors(
         kinds.append(DetectorSpec(kind="missing"))
     if not layout.imputed:
         kinds = [d for d in kinds if d.kind != "missing"]
+    # the monitor flags a window when ANY detector fires: Bonferroni across the window detectors keeps that at p_val
+    windowed = sum(d.kind not in ONLINE_KINDS for d in kinds)
+    p_each = drift.p_val / max(windowed, 1) if drift.p_val_split == "bonferroni" else drift.p_val
     entries = []
     for i, d in enumerate(kinds):
         name = f"{i}-{d.kind}"
         inp = _input_of(d.kind)
         ref = proba_ref.astype(np.float32) if inp == "proba" else layout.missing(x_ref) if inp == "missing" else layout.features(x_ref)
-        det = _build(d, ref, drift.p_val, layout)
+        det = _build(d, ref, p_each, layout)
         save_detector(det, out / name)
         entries.append({"name": name, "kind": d.kind, "input": inp, "online": d.kind in ONLINE_KINDS})
-    manifest = {"features": features, "p_val": drift.p_val, "window": drift.window, "reference_rows": int(len(x_ref)),
+    manifest = {"features": features, "p_val": drift.p_val, "p_val_split": drift.p_val_split, "p_val_each": p_each, "window": drift.window, "reference_rows": int(len(x_ref)),
                 "detectors": entries, "layout": layout.as_dict()}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
