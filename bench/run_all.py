@@ -148,13 +148,24 @@ def headline(r: dict) -> list[str]:
         fa = tb["false_alarms"]
         row("false alarms on a table of your own (TabularDrift + missing rate, OR)", _rate(fa["flagged"], fa["windows"]),
             "<= 1 %, upper 95 % bound <= 2 %", fa["flagged"] / fa["windows"] <= 0.01 and common.wilson(fa["flagged"], fa["windows"])[1] <= 0.02)
-    lp = (r.get("loop") or {}).get("summary")
-    if lp and not lp.get("seconds_onset_to_swap"):
-        row("onset -> new champion answering (`demo --quick`)", "no swap happened", "<= 120 s", False)
-    elif lp:
-        row("onset -> new champion answering (`demo --quick`)", f"{lp['seconds_onset_to_swap']:.1f} s; drifted accuracy "
-            f"{lp['accuracy_drifted_before']:.3f} -> {lp['accuracy_drifted_after']:.3f}, {lp['failed_requests']} failed requests",
-            "<= 120 s", lp["seconds_onset_to_swap"] <= 120)
+    loop = r.get("loop") or {}
+    for what, cell, target in (("shipped config (`demo --as-shipped`: configs/digits.yaml unchanged, every drifted row at 60/s)",
+                                loop.get("shipped"), True),
+                               ("demo's overrides (`demo --quick`: 2 trials x 8 epochs, min_labelled_rows 600, cooldown 60 s, "
+                                "first drifted window unpaced)", loop, False)):
+        lp = (cell or {}).get("summary")
+        if lp is None:
+            if cell and cell.get("error"):
+                row(f"onset -> new champion answering, {what}", f"failed: {cell['error']}", "<= 120 s" if target else "-", False if target else None)
+            continue
+        secs = lp.get("seconds_onset_to_swap")
+        measured = "no swap happened" if not secs else (f"{secs:.1f} s; drifted accuracy {lp['accuracy_drifted_before']:.3f} -> "
+                                                         f"{lp['accuracy_drifted_after']:.3f}, {lp['failed_requests']} failed requests")
+        if secs and target and secs > 120:
+            slow = max((cell.get("onset_to_swap_by_stage_s") or {}).items(), key=lambda kv: kv[1] if not kv[0].startswith("total") else -1, default=None)
+            measured += f"; the longest stage: {slow[0]} {slow[1]:.1f} s" if slow else ""
+        row(f"onset -> new champion answering, {what}", measured, "<= 120 s" if target else "(beside it; no target)",
+            (bool(secs) and secs <= 120) if target else None)
     sv = r.get("serving") or {}
     for c in sv.get("cells", []):
         if c["connections"] == 16:
@@ -268,8 +279,9 @@ def add_ratios(r: dict) -> None:
         sw = tr["sweeps"]
         tr["sweep_ratio_c2_over_c1_4_trials"] = sw["4_trials_c2"]["wall_s"] / sw["4_trials_c1"]["wall_s"]
     lp = r.get("loop", {})
-    if (lp.get("summary") or {}).get("seconds_onset_to_swap"):
-        lp["onset_to_swap_ratio_to_120s_target"] = lp["summary"]["seconds_onset_to_swap"] / 120.0
+    for cell in (lp, lp.get("shipped") or {}):
+        if (cell.get("summary") or {}).get("seconds_onset_to_swap"):
+            cell["onset_to_swap_ratio_to_120s_target"] = cell["summary"]["seconds_onset_to_swap"] / 120.0
     fp = r.get("footprint", {})
     if "help_s_median" in fp:
         fp["help_ratio_to_2s_target"] = fp["help_s_median"] / 2.0
@@ -421,14 +433,20 @@ def render(r: dict) -> str:
         for k, v in tr["sweeps"].items():
             out.append(f"| sweep {k} | {v['wall_s']:.1f} | | |")
         out += [f"| sweep 4 trials, concurrency 2 vs 1 | | | {tr['sweep_ratio_c2_over_c1_4_trials']:.2f} (time ratio) |", "", tr["note"], ""]
-    lp = r.get("loop")
-    if lp and "summary" in lp:
-        s = lp["summary"]
-        out += ["## Loop (driftloop demo --quick)", "", "| figure | value |", "|---|---|"]
-        out += [f"| {k} | {v} |" for k, v in s.items()]
-        out += ["", "| onset -> swap, by stage | seconds |", "|---|---|"]
-        out += [f"| {k} | {v:.1f} |" for k, v in lp.get("onset_to_swap_by_stage_s", {}).items()]
-        out += ["", "Target: <= 120 s onset to swap. The figure includes waiting for 600 labelled drifted rows (min_labelled_rows) at the replay's pace.", ""]
+    loop = r.get("loop") or {}
+    for title, lp, note in (("driftloop demo --as-shipped: configs/digits.yaml unchanged, every drifted row at 60 rows/s", loop.get("shipped"),
+                             "Target: <= 120 s onset to swap. The figure includes the policy's two flagged windows of three, the "
+                             "300 labelled drifted rows (min_labelled_rows), at the replay's pace; the 120 s cooldown follows a trigger or a "
+                             "swap, so it does not delay this first retraining."),
+                            ("driftloop demo --quick: the demo's overrides, beside it", loop,
+                             "The demo's overrides: 2 trials x 8 epochs, min_labelled_rows 600, cooldown 60 s, and the first drifted "
+                             "window (the evaluation rows) sent unpaced. No target.")):
+        if lp and "summary" in lp:
+            out += [f"## Loop ({title})", "", "| figure | value |", "|---|---|"]
+            out += [f"| {k} | {v} |" for k, v in lp["summary"].items()]
+            out += ["", "| onset -> swap, by stage | seconds |", "|---|---|"]
+            out += [f"| {k} | {v:.1f} |" for k, v in lp.get("onset_to_swap_by_stage_s", {}).items()]
+            out += ["", note, ""]
     tb = r.get("tabular")
     if tb and "cells" in tb:
         out += ["## Detection on a table of your own (categorical and missing-rate shifts)", "",

@@ -361,15 +361,18 @@ def demo_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
     out: Path = typer.Option(Path("demo-out"), "--out", help="folder for the timeline PNG and summary"),
     quick: bool = typer.Option(False, "--quick", help="smaller sweep and traffic (for tests)"),
+    as_shipped: bool = typer.Option(False, "--as-shipped", help="configs/digits.yaml unchanged (no demo overrides: min_labelled_rows 600, cooldown 60 s), every drifted row at 60/s"),
 ) -> None:
     """Run the whole loop: ingest, sweep, promote, serve, clean then drifted traffic, drift → retrain job → swap.
     Prints driftloop's own progress and summary; what Ray, Tune, Serve and MLflow write goes to OUT/demo.log."""
     from driftloop import demo
 
+    if quick and as_shipped:
+        _fail("--quick and --as-shipped contradict each other: --as-shipped runs configs/digits.yaml unchanged")
     out.mkdir(parents=True, exist_ok=True)
     with demo.libraries_to(out / "demo.log") as own:
         demo.OUT = own
-        summary = demo.run_demo(out, quick=quick, quiet=as_json)
+        summary = demo.run_demo(out, quick=quick, quiet=as_json, as_shipped=as_shipped)
     typer.echo(json.dumps(summary) if as_json else demo.summary_text(summary))
 
 

@@ -85,7 +85,13 @@ def summary_text(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: float = 480) -> dict[str, Any]:
+def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: float = 480, as_shipped: bool = False) -> dict[str, Any]:
+    """The loop on its own local Ray. By default with the demo's overrides (below); AS_SHIPPED runs
+    configs/digits.yaml unchanged and paces every drifted row at the labelled traffic's rate (60 rows/s)."""
+    if quick and as_shipped:
+        from driftloop.errors import UserError
+
+        raise UserError("--quick and --as-shipped contradict each other: --as-shipped runs configs/digits.yaml unchanged")
     from driftloop.config import load_spec, parse_spec
     from driftloop.settings import get_settings
 
@@ -102,8 +108,9 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: flo
     d = spec.model_dump(mode="json")
     if quick:
         d["sweep"]["trials"], d["training"]["epochs"] = 2, 8
-    d["retraining"]["min_labelled_rows"] = 600
-    d["retraining"]["cooldown_s"] = 60
+    if not as_shipped:  # the demo's overrides: a longer label minimum, a shorter cooldown
+        d["retraining"]["min_labelled_rows"] = 600
+        d["retraining"]["cooldown_s"] = 60
     spec = parse_spec(d, "demo spec")
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(d, indent=2))  # the spec this run used, beside its results
@@ -137,7 +144,7 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: flo
         serve.run(Predictor.bind(DriftMonitor.bind(d), d, True, 256), name=spec.name, route_prefix=f"/{spec.name}")
         url = f"http://127.0.0.1:{port}"
         _say(quiet, f"serving {url}/{spec.name}/predict (2 replicas + drift monitor)")
-        summary = asyncio.run(_traffic(url, spec, quiet, timeout_s))
+        summary = asyncio.run(_traffic(url, spec, quiet, timeout_s, pace=PACE if as_shipped else 0))
         summary["champion_before"] = champion_before
         summary["champion_after"] = registry.champion_version(s, spec.name)
         summary["sweep_seconds"] = round(sw.seconds, 1)
@@ -161,7 +168,10 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: flo
         ray.shutdown()
 
 
-async def _traffic(url: str, spec, quiet: bool, timeout_s: float) -> dict[str, Any]:
+PACE = 60  # rows per second of the labelled drifted traffic (and, --as-shipped, of every drifted row)
+
+
+async def _traffic(url: str, spec, quiet: bool, timeout_s: float, pace: float = 0) -> dict[str, Any]:
     import httpx
 
     from driftloop.replay import replay_async
@@ -202,7 +212,7 @@ async def _traffic(url: str, spec, quiet: bool, timeout_s: float) -> dict[str, A
 
     # 2. drifted evaluation rows (unlabelled) with the old champion
     eval_stream = examples.digits_stream(eval_pool, window, onset=0, kind=kind, severity=sev, seed=99)
-    r_before = await replay_async(url, spec.name, eval_stream, feats, label, rps=0, labels=False, concurrency=16,
+    r_before = await replay_async(url, spec.name, eval_stream, feats, label, rps=pace, labels=False, concurrency=16,
                                   on_response=track(eval_stream))
     _say(quiet, f"drifted traffic on the champion: accuracy {r_before.accuracy:.3f}")
 
@@ -215,7 +225,7 @@ async def _traffic(url: str, spec, quiet: bool, timeout_s: float) -> dict[str, A
     while time.monotonic() < deadline:
         chunk = examples.digits_stream(traffic_pool, 100, onset=0, kind=kind, severity=sev, seed=seed)
         seed += 1
-        r = await replay_async(url, spec.name, chunk, feats, label, rps=60, labels=True, concurrency=8, on_response=track(chunk))
+        r = await replay_async(url, spec.name, chunk, feats, label, rps=PACE, labels=True, concurrency=8, on_response=track(chunk))
         failed += r.failed
         st = await drift_state()
         for ev in st["recent"]:
