@@ -32,6 +32,8 @@ def run() -> dict:
         subprocess.run([sys.executable, "-c", "pass"], check=True)
         bare.append(time.perf_counter() - t)
 
+    drift_import = _drift_library_import()
+
     setup_home("footprint")
     spec, s, out = train_champion(epochs=3)
     from driftloop.serving.app import DriftMonitor, Predictor
@@ -69,11 +71,51 @@ def run() -> dict:
             "cli_import_s": cli_import_us / 1e6, "app_cold_start_s": app_ready, "rss_mib": rss,
             "replica_cold_start_s": replica_ready, "replica_init_s": replica_init,
             "monitor_cold_start_s": monitor_ready, "monitor_init_s": monitor_init,
+            "monitor_init_stages_s": st["state"].get("init_stages_s"), "drift_library_import": drift_import,
             "note": "app cold start = serve.run until both deployments are RUNNING (replicas start in parallel), including "
                     "downloading the model from the registry and loading the detectors. Replica cold start = a replica "
                     "killed (ray.kill, no traffic) until its replacement answers over HTTP: Serve notices the death at the "
                     "replica's next health check (every 2 s), then starts a worker process, imports torch/Ray/MLflow and "
                     "runs the constructor."}
+
+
+IMPORT_PROBE = """
+import json, sys, time
+def rss():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+import torch, ray, mlflow
+from ray import serve
+before, had = rss(), set(sys.modules)
+t = time.perf_counter()
+if sys.argv[1] == "deferred":
+    from driftloop.drift.deferred import defer_transformers
+    defer_transformers()
+from alibi_detect.saving import load_detector
+took, after = time.perf_counter() - t, rss()
+new = {}
+for m in set(sys.modules) - had:
+    new[m.split(".")[0]] = new.get(m.split(".")[0], 0) + 1
+print(json.dumps({"seconds": took, "rss_before_mib": before, "rss_after_mib": after, "new_modules_by_package": new}))
+"""
+
+
+def _drift_library_import() -> dict:
+    """What importing alibi-detect adds, in a fresh process that has already imported what every replica imports
+    (torch, Ray, Serve, MLflow): seconds, resident MiB, and the packages it pulls in (its `cd` package imports every
+    detector, and with them numba/llvmlite and scikit-learn). As driftloop imports it (transformers deferred,
+    drift/deferred.py) and plain, beside it. Median of 3 processes each."""
+    import json
+
+    out = {}
+    for how in ("deferred", "plain"):
+        runs = sorted((json.loads(subprocess.run([sys.executable, "-c", IMPORT_PROBE, how], capture_output=True, text=True,
+                                                 check=True).stdout.strip().splitlines()[-1]) for _ in range(3)),
+                      key=lambda r: r["seconds"])
+        mid = runs[1]
+        top = sorted(mid["new_modules_by_package"].items(), key=lambda kv: -kv[1])[:8]
+        out[how] = {"seconds": round(mid["seconds"], 2), "rss_added_mib": round(mid["rss_after_mib"] - mid["rss_before_mib"], 1),
+                    "rss_before_mib": round(mid["rss_before_mib"], 1), "packages": dict(top)}
+    return out["deferred"] | {"plain": out["plain"]}
 
 
 def _kill_replica(app: str, deployment: str) -> None:

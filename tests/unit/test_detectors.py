@@ -103,3 +103,41 @@ def test_cvm_online_builds_for_as_many_features_as_the_spec_allows(tmp_path):
     det = load_detectors(fit_detectors(spec, x_ref, np.full((200, 2), 0.5, np.float32), names, tmp_path / "d"), 2)[0][0]
     res = det.update(rng.normal(size=(80, 12)).astype(np.float32) + 3.0, np.full((80, 2), 0.5, np.float32))
     assert res is not None and res.is_drift
+
+
+
+DEFERRED = """
+import json, sys
+import numpy as np
+from driftloop.drift.detectors import load_detectors
+x = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
+p = np.full((100, 3), 1 / 3, dtype=np.float32)
+dets, _ = load_detectors(sys.argv[1], 3)
+out = {"heavy": [m for m in ("torch._dynamo", "sympy", "torch.distributed.tensor") if m in sys.modules],
+       "deferred": getattr(sys.modules["transformers"], "_driftloop_deferred", False),
+       "flagged": bool(dets[0].predict(x + 3.0, p).is_drift), "clean": bool(dets[0].predict(x, p).is_drift)}
+from alibi_detect.models.pytorch.embedding import AutoConfig  # what alibi-detect imported from the stand-in
+out["resolves"] = callable(AutoConfig.from_pretrained)
+real = sys.modules["transformers"]
+out["real_after_use"] = not getattr(real, "_driftloop_deferred", False) and hasattr(real, "BertConfig")
+print(json.dumps(out))
+"""
+
+
+def test_loading_detectors_defers_transformers_until_a_name_of_it_is_used(tmp_path):
+    """alibi-detect imports transformers for text models driftloop never uses; a process that loads detectors (the
+    monitor) must not pay for it (torch._dynamo, sympy), must get working detectors, and the first use of a
+    transformers name imports the real package."""
+    import json
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    spec = DriftSpec(window=100, p_val=0.01, reference_rows=300, detectors=[DetectorSpec(kind="ks"), DetectorSpec(kind="bbsd")])
+    path = fit_detectors(spec, rng.normal(size=(300, 4)).astype(np.float32), rng.dirichlet(np.ones(3), size=300).astype(np.float32),
+                         list("abcd"), tmp_path / "det")
+    r = subprocess.run([sys.executable, "-c", DEFERRED, str(path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["deferred"] and out["heavy"] == [], out
+    assert out["flagged"] and not out["clean"] and out["resolves"] and out["real_after_use"], out

@@ -1,7 +1,8 @@
 """alibi-detect detectors behind one interface: fitted on a model's reference data at training time,
 saved with `save_detector` (config format) next to the model, loaded at serve time.
 
-Importing alibi-detect costs ~10 s, so it only happens inside the functions that need it.
+Importing alibi-detect costs seconds, so it only happens inside the functions that need it; where detectors
+are loaded (the monitor's start), after `defer_transformers()` (drift/deferred.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from driftloop.config import DetectorSpec, DriftSpec
+from driftloop.drift.deferred import defer_transformers
 
 MANIFEST = "detectors.json"
 ONLINE_KINDS = {"cvm_online", "mmd_online"}
@@ -261,6 +263,7 @@ class LoadedDetector:
 def load_detectors(path: str | Path, outputs: int | list[str] | None = None) -> tuple[list[LoadedDetector], dict[str, Any]]:
     """Load the detectors saved next to a model version, with their manifest. `outputs` names the model's outputs
     in drift results: a class count (p_0 …) or the names (Spec.output_names)."""
+    defer_transformers()
     from alibi_detect.saving import load_detector
 
     root = Path(path)

@@ -78,10 +78,15 @@ class DriftMonitor(MonitorState, PollLoops):
         self.labels = FeedbackStore(self.settings, self.spec, app_name)  # ground truth, once per served row
         self._submit_failures_seen = 0  # the tracker's count already added to the counter
         self._last_submit: dict | None = None  # what the Jobs API said to the last trigger handed to it
-        self._swap_if_needed_sync()
-        self._restore_history()
-        self._restore_state()
-        self.init_s = time.time() - self.replica_started_at  # constructor time: detectors loaded, state restored
+        marks = [time.time()]
+        for step in (self._swap_if_needed_sync, self._restore_history, self._restore_state):
+            step()
+            marks.append(time.time())
+        self.init_s = marks[-1] - self.replica_started_at  # constructor time: detectors loaded, state restored
+        # where the constructor's time went (footprint bench; /drift "state")
+        self.init_stages_s = {k: round(b - a, 3) for k, a, b in zip(("setup", "champion detectors", "drift history", "state restore"),
+                                                                     [self.replica_started_at, *marks], marks)}
+        self.init_stages_s |= {f"... of which {k}": v for k, v in getattr(self, "load_stages_s", {}).items()}
 
     def _load_new_champion(self):
         """(version, windowed detectors, manifest) when the alias moved, else None; no lock held while downloading.
@@ -92,14 +97,17 @@ class DriftMonitor(MonitorState, PollLoops):
         from driftloop.drift.detectors import load_detectors
         from driftloop.drift.windows import WindowedDetectors
 
+        t0 = time.time()
         v = self.watcher.moved(self.version)
         if v is None:
             return None
         path = registry.download(self.settings, self.name, v, self.settings.home / "serving" / f"{self.name}-monitor-v{v}-{uuid.uuid4().hex[:6]}")
+        t1 = time.time()
         try:
             dets, manifest = load_detectors(path / "detectors", self.spec.output_names)
         finally:
             shutil.rmtree(path, ignore_errors=True)  # loaded into memory; the download was only a cache
+        self.load_stages_s = {"registry lookup + download": round(t1 - t0, 3), "detectors load (alibi-detect)": round(time.time() - t1, 3)}
         data_version = int(registry.version_tags(self.settings, self.name, v).get("data.version") or -1)
         windowed = WindowedDetectors(dets, manifest.get("window", self.spec.drift.window), v, self.spec.drift.history)
         return v, windowed, manifest, data_version
@@ -353,7 +361,8 @@ class DriftMonitor(MonitorState, PollLoops):
             "policy": self.policy.snapshot(), "retraining": job, "maintenance": self.maintenance, "registry": self.watcher.error or {"ok": True},
             "state": {"path": str(self.state_path), "persisted_at": self.persisted_at, "restored": self.restored_state,
                       "pending_submit": self.pending_submit, "unsaved_changes": self._dirty,
-                      "replica_started_at": self.replica_started_at, "init_s": round(self.init_s, 3)},
+                      "replica_started_at": self.replica_started_at, "init_s": round(self.init_s, 3),
+                      "init_stages_s": self.init_stages_s},
         }
 
     async def trigger(self, reason: str = "manual") -> dict[str, Any]:
