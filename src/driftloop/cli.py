@@ -367,8 +367,7 @@ def demo_cmd(
     Prints driftloop's own progress and summary; what Ray, Tune, Serve and MLflow write goes to OUT/demo.log."""
     from driftloop import demo
 
-    if quick and as_shipped:
-        _fail("--quick and --as-shipped contradict each other: --as-shipped runs configs/digits.yaml unchanged")
+    demo.check_options(quick, as_shipped)  # before the libraries' output is redirected: one line, exit 2
     out.mkdir(parents=True, exist_ok=True)
     with demo.libraries_to(out / "demo.log") as own:
         demo.OUT = own

@@ -85,13 +85,17 @@ def summary_text(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_options(quick: bool, as_shipped: bool) -> None:
+    if quick and as_shipped:
+        from driftloop.config import SpecError
+
+        raise SpecError("--quick and --as-shipped contradict each other: --as-shipped runs configs/digits.yaml unchanged")
+
+
 def run_demo(out: Path, quick: bool = False, quiet: bool = False, timeout_s: float = 480, as_shipped: bool = False) -> dict[str, Any]:
     """The loop on its own local Ray. By default with the demo's overrides (below); AS_SHIPPED runs
     configs/digits.yaml unchanged and paces every drifted row at the labelled traffic's rate (60 rows/s)."""
-    if quick and as_shipped:
-        from driftloop.errors import UserError
-
-        raise UserError("--quick and --as-shipped contradict each other: --as-shipped runs configs/digits.yaml unchanged")
+    check_options(quick, as_shipped)
     from driftloop.config import load_spec, parse_spec
     from driftloop.settings import get_settings
 

@@ -93,6 +93,13 @@ class Layout:
         return {"cardinalities": self.cardinalities, "fill": self.fill.tolist(), "imputed": self.imputed}
 
 
+def p_val_each(drift: DriftSpec, kinds: list[str]) -> float:
+    """The level each of these detectors tests at. The monitor flags a window when ANY window detector fires, so
+    under "bonferroni" p_val is split over them (online detectors have their own expected run time)."""
+    windowed = sum(k not in ONLINE_KINDS for k in kinds)
+    return drift.p_val / max(windowed, 1) if drift.p_val_split == "bonferroni" else drift.p_val
+
+
 def _build(d: DetectorSpec, x_ref: np.ndarray, p_val: float, layout: Layout):
     """Construct (fit) one alibi-detect detector on its reference data."""
     from alibi_detect.cd import ChiSquareDrift, CVMDrift, KSDrift, LSDDDrift, MMDDrift, TabularDrift
@@ -146,9 +153,7 @@ def fit_detectors(
         kinds.append(DetectorSpec(kind="missing"))
     if not layout.imputed:
         kinds = [d for d in kinds if d.kind != "missing"]
-    # the monitor flags a window when ANY detector fires: Bonferroni across the window detectors keeps that at p_val
-    windowed = sum(d.kind not in ONLINE_KINDS for d in kinds)
-    p_each = drift.p_val / max(windowed, 1) if drift.p_val_split == "bonferroni" else drift.p_val
+    p_each = p_val_each(drift, [d.kind for d in kinds])
     entries = []
     for i, d in enumerate(kinds):
         name = f"{i}-{d.kind}"
