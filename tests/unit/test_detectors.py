@@ -113,9 +113,12 @@ from driftloop.drift.detectors import load_detectors
 x = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
 p = np.full((100, 3), 1 / 3, dtype=np.float32)
 dets, _ = load_detectors(sys.argv[1], 3)
-out = {"heavy": [m for m in ("torch._dynamo", "sympy", "torch.distributed.tensor") if m in sys.modules],
+out = {"heavy": [m for m in ("torch", "torch._dynamo", "sympy", "torch.distributed.tensor") if m in sys.modules],
        "deferred": getattr(sys.modules["transformers"], "_driftloop_deferred", False),
        "flagged": bool(dets[0].predict(x + 3.0, p).is_drift), "clean": bool(dets[0].predict(x, p).is_drift)}
+mmd, _ = load_detectors(sys.argv[2], 3)  # a detector on alibi-detect's pytorch backend: imported again, with torch
+out |= {"torch_after_mmd": "torch" in sys.modules, "mmd_flagged": bool(mmd[0].predict(x + 3.0, p).is_drift),
+        "first_still_flags": bool(dets[0].predict(x + 3.0, p).is_drift)}
 from alibi_detect.models.pytorch.embedding import AutoConfig  # what alibi-detect imported from the stand-in
 out["resolves"] = callable(AutoConfig.from_pretrained)
 real = sys.modules["transformers"]
@@ -124,10 +127,11 @@ print(json.dumps(out))
 """
 
 
-def test_loading_detectors_defers_transformers_until_a_name_of_it_is_used(tmp_path):
-    """alibi-detect imports transformers for text models driftloop never uses; a process that loads detectors (the
-    monitor) must not pay for it (torch._dynamo, sympy), must get working detectors, and the first use of a
-    transformers name imports the real package."""
+def test_loading_detectors_defers_transformers_and_torch_until_used(tmp_path):
+    """alibi-detect imports transformers for text models driftloop never uses, and torch only to probe for its
+    pytorch backend; a process that loads detectors not on that backend (the monitor) must pay for neither
+    (torch, torch._dynamo, sympy), must get working detectors, a later detector on the backend (mmd) must load and
+    work beside them, and the first use of a transformers name imports the real package."""
     import json
     import subprocess
     import sys
@@ -136,8 +140,12 @@ def test_loading_detectors_defers_transformers_until_a_name_of_it_is_used(tmp_pa
     spec = DriftSpec(window=100, p_val=0.01, reference_rows=300, detectors=[DetectorSpec(kind="ks"), DetectorSpec(kind="bbsd")])
     path = fit_detectors(spec, rng.normal(size=(300, 4)).astype(np.float32), rng.dirichlet(np.ones(3), size=300).astype(np.float32),
                          list("abcd"), tmp_path / "det")
-    r = subprocess.run([sys.executable, "-c", DEFERRED, str(path)], capture_output=True, text=True, timeout=300)
+    mmd = fit_detectors(DriftSpec(window=100, p_val=0.01, reference_rows=300, detectors=[DetectorSpec(kind="mmd", n_permutations=50)]),
+                        rng.normal(size=(300, 4)).astype(np.float32), rng.dirichlet(np.ones(3), size=300).astype(np.float32),
+                        list("abcd"), tmp_path / "mmd")
+    r = subprocess.run([sys.executable, "-c", DEFERRED, str(path), str(mmd)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["deferred"] and out["heavy"] == [], out
     assert out["flagged"] and not out["clean"] and out["resolves"] and out["real_after_use"], out
+    assert out["torch_after_mmd"] and out["mmd_flagged"] and out["first_still_flags"], out

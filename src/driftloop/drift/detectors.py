@@ -2,7 +2,8 @@
 saved with `save_detector` (config format) next to the model, loaded at serve time.
 
 Importing alibi-detect costs seconds, so it only happens inside the functions that need it; where detectors
-are loaded (the monitor's start), after `defer_transformers()` (drift/deferred.py).
+are loaded (the monitor's start), through `import_alibi_detect` (drift/deferred.py: transformers deferred, and
+torch hidden unless a detector runs on it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from driftloop.config import DetectorSpec, DriftSpec
-from driftloop.drift.deferred import defer_transformers
+from driftloop.drift.deferred import TORCH_KINDS, import_alibi_detect
 
 MANIFEST = "detectors.json"
 ONLINE_KINDS = {"cvm_online", "mmd_online"}
@@ -268,11 +269,9 @@ class LoadedDetector:
 def load_detectors(path: str | Path, outputs: int | list[str] | None = None) -> tuple[list[LoadedDetector], dict[str, Any]]:
     """Load the detectors saved next to a model version, with their manifest. `outputs` names the model's outputs
     in drift results: a class count (p_0 …) or the names (Spec.output_names)."""
-    defer_transformers()
-    from alibi_detect.saving import load_detector
-
     root = Path(path)
     manifest = json.loads((root / MANIFEST).read_text())
+    load_detector = import_alibi_detect(need_torch=any(e["kind"] in TORCH_KINDS for e in manifest["detectors"]))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     proba_names = (list(outputs) if isinstance(outputs, list) else [f"p_{i}" for i in range(outputs or 0)]) or ["p"]
     layout = Layout(**manifest["layout"]) if "layout" in manifest else None
