@@ -84,3 +84,32 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def cpu_by_process(names: dict[int, str]) -> dict[str, float]:
+    """CPU seconds (user + system) so far of every process this user runs, keyed by what it is: an actor's label
+    from the sampler (names), else its program (a Python process by its script or module)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for p in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        try:
+            ct, cmd = p.info["cpu_times"], p.info["cmdline"] or []
+        except psutil.Error:
+            continue
+        if ct is None:
+            continue
+        if p.info["pid"] in names:
+            key = names[p.info["pid"]]
+        elif p.info["pid"] == os.getpid():
+            key = "bench (this process)"
+        elif cmd and cmd[0].startswith("ray::"):
+            key = cmd[0].split()[0][:40]
+        elif cmd:
+            prog = os.path.basename(cmd[0])
+            script = next((os.path.basename(a) for a in cmd[1:] if a.endswith(".py") or a.startswith("-m")), "")
+            key = f"{prog} {script}".strip()[:40]
+        else:
+            key = "other"
+        out[key] = out.get(key, 0.0) + ct.user + ct.system
+    return out

@@ -74,6 +74,16 @@ def _rate(k: int, n: int) -> str:
     return f"{k}/{n} = {100 * k / n:.1f} % (95 % CI {100 * lo:.1f}–{100 * hi:.1f} %)" if n else "no windows"
 
 
+def _cpu_cause(x: dict, y: dict) -> str:
+    """The measured cause beside a missed throughput ratio: CPU milliseconds per answered request, by process
+    (the four busiest), in each of the two cells compared (bench/serving.py measures them during the cell)."""
+    if "cpu_ms_per_request" not in x or "cpu_ms_per_request" not in y:
+        return ""
+    side = lambda cell: ", ".join(f"{k} {v:.1f}" for k, v in list(cell["cpu_ms_per_request"].items())[:4])  # noqa: E731
+    return (f"; CPU ms per request, by process (both cores: {x.get('cores_busy', '?')} vs {y.get('cores_busy', '?')} busy): "
+            f"{side(x)} vs {side(y)}")
+
+
 def _ratio(v) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
@@ -169,25 +179,25 @@ def headline(r: dict) -> list[str]:
     sv = r.get("serving") or {}
     for c in sv.get("cells", []):
         if c["connections"] == 16:
-            row(f"serving, monitored / monitor off, batch {c['batch']}, 16 conns",
-                f"{c['a_monitored']['rps']:.0f} vs {c['b_monitoring_off']['rps']:.0f} req/s = {_ratio(c['throughput_ratio_a_over_b'])}",
-                ">= 0.95", (c["throughput_ratio_a_over_b"] or 0) >= 0.95)
-            row(f"serving, driftloop (Serve proxy, default) / plain FastAPI, batch {c['batch']}, 16 conns",
-                f"{c['a_monitored']['rps']:.0f} vs {c['c_plain_fastapi']['rps']:.0f} req/s = {_ratio(c['throughput_ratio_a_over_c'])}",
-                ">= 1.0", (c["throughput_ratio_a_over_c"] or 0) >= 1.0)
+            def cmp(what: str, x: str, y: str, ratio_key: str, target: float, extra: str = "", ok: bool = True) -> None:
+                met = (c[ratio_key] or 0) >= target and ok
+                row(what.format(batch=c["batch"]), f"{c[x]['rps']:.0f} vs {c[y]['rps']:.0f} req/s = {_ratio(c[ratio_key])}{extra}"
+                    + ("" if met else _cpu_cause(c[x], c[y])), f">= {target}" + (", every answer a 200" if extra else ""), met)
+
+            cmp("serving, monitored / monitor off, batch {batch}, 16 conns", "a_monitored", "b_monitoring_off",
+                "throughput_ratio_a_over_b", 0.95)
+            cmp("serving, driftloop (Serve proxy, default) / plain FastAPI, batch {batch}, 16 conns", "a_monitored",
+                "c_plain_fastapi", "throughput_ratio_a_over_c", 1.0)
             if "e_monitored_direct" in c:
-                row(f"serving, driftloop through direct ingress (opt-in) / plain FastAPI, batch {c['batch']}, 16 conns",
-                    f"{c['e_monitored_direct']['rps']:.0f} vs {c['c_plain_fastapi']['rps']:.0f} req/s = "
-                    f"{_ratio(c['throughput_ratio_e_over_c'])}", ">= 1.0", (c["throughput_ratio_e_over_c"] or 0) >= 1.0)
+                cmp("serving, driftloop through direct ingress (opt-in) / plain FastAPI, batch {batch}, 16 conns",
+                    "e_monitored_direct", "c_plain_fastapi", "throughput_ratio_e_over_c", 1.0)
             if all(k in c for k in HAPROXY_CELLS):
-                f, g, c2 = c["f_monitored_haproxy"], c["g_monitoring_off_haproxy"], c["c2_plain_fastapi"]
-                row(f"serving through HAProxy (`--ingress haproxy`, production), monitored / monitor off, batch {c['batch']}, 16 conns",
-                    f"{f['rps']:.0f} vs {g['rps']:.0f} req/s = {_ratio(c['throughput_ratio_f_over_g'])}", ">= 0.95",
-                    (c["throughput_ratio_f_over_g"] or 0) >= 0.95)
-                row(f"serving, driftloop through HAProxy (`--ingress haproxy`, production) / plain FastAPI, batch {c['batch']}, 16 conns",
-                    f"{f['rps']:.0f} vs {c2['rps']:.0f} req/s = {_ratio(c['throughput_ratio_f_over_c2'])}; {f['errors']} non-200 "
-                    f"of {f.get('requests', '?')}", ">= 1.0, every answer a 200",
-                    (c["throughput_ratio_f_over_c2"] or 0) >= 1.0 and f["errors"] == 0 and g["errors"] == 0)
+                f, g = c["f_monitored_haproxy"], c["g_monitoring_off_haproxy"]
+                cmp("serving through HAProxy (`--ingress haproxy`, production), monitored / monitor off, batch {batch}, 16 conns",
+                    "f_monitored_haproxy", "g_monitoring_off_haproxy", "throughput_ratio_f_over_g", 0.95)
+                cmp("serving, driftloop through HAProxy (`--ingress haproxy`, production) / plain FastAPI, batch {batch}, 16 conns",
+                    "f_monitored_haproxy", "c2_plain_fastapi", "throughput_ratio_f_over_c2", 1.0,
+                    f"; {f['errors']} non-200 of {f.get('requests', '?')}", f["errors"] == 0 and g["errors"] == 0)
     if sv.get("haproxy_error"):
         row("serving through HAProxy (`--ingress haproxy`)", f"failed: {sv['haproxy_error']}", "runs", False)
     elif "haproxy_listening" in sv:
@@ -267,6 +277,18 @@ def headline(r: dict) -> list[str]:
     for name, sec in r.items():
         if isinstance(sec, dict) and "error" in sec:
             row(f"{name} section", f"failed: {sec['error']}", "runs", False)
+    secs = {k: v["bench_seconds"] for k, v in r.items() if isinstance(v, dict) and "bench_seconds" in v}
+    if secs:  # each section's own time; after a partial rerun they come from different runs
+        total = sum(secs.values())
+        measured = f"{total / 60:.0f} min" + (" (the sections' own times added, from the runs named above)" if rerun else "")
+        if total > 1800:
+            rain = ((r.get("backtest") or {}).get("rainfall") or {}).get("strategies") or {}
+            retrains = sum(v.get("retrains", 0) for v in rain.values() if isinstance(v, dict))
+            measured += "; the longest sections: " + ", ".join(
+                f"{k} {v / 60:.1f} min" + (f" ({retrains} retrains, each the live path's train_and_gate: Ray Train, "
+                                           f"registry, detectors)" if k == "backtest" and retrains else "")
+                for k, v in sorted(secs.items(), key=lambda kv: -kv[1])[:3])
+        row("`make bench`, every section", measured, "<= 30 min", total <= 1800)
     return lines
 
 
@@ -342,6 +364,15 @@ def render(r: dict) -> str:
                 out.append(f"| {c['batch']} | {c['connections']} | {f['rps']:.0f} | {g['rps']:.0f} | {c2['rps']:.0f} | "
                            f"{_ratio(c['throughput_ratio_f_over_g'])} | {_ratio(c['throughput_ratio_f_over_c2'])} | "
                            f"{f['p50_ms']:.1f} | {f['p99_ms']:.1f} | {f['errors']} |")
+            out.append("")
+        if any("cpu_ms_per_request" in v for c in sv["cells"] for v in c.values() if isinstance(v, dict)):
+            out += ["CPU per answered request during each cell, by process (ms; every process on the machine, the six "
+                    "busiest; both cores = 2.0 busy):", "", "| batch | conns | cell | cores busy | CPU ms per request |", "|---|---|---|---|---|"]
+            for c in sv["cells"]:
+                for k, v in c.items():
+                    if isinstance(v, dict) and "cpu_ms_per_request" in v:
+                        out.append(f"| {c['batch']} | {c['connections']} | {k} | {v['cores_busy']} | "
+                                   + ", ".join(f"{p} {ms:.1f}" for p, ms in list(v["cpu_ms_per_request"].items())[:6]) + " |")
             out.append("")
     elif sv:
         out += ["## Serving", "", f"error: {sv.get('error')}", ""]

@@ -53,6 +53,35 @@ async def _load(url: str | list[str], body: bytes, conns: int, duration: float) 
             "requests": len(lat)}
 
 
+def _measured(url: str | list[str], body: bytes, conns: int, names: dict[int, str]) -> dict:
+    """One cell's load (after a warm-up), with the CPU every process on this machine spent during it, in CPU
+    milliseconds per answered request, the busiest first: where a ratio's cause is on 2 shared cores."""
+    from bench.common import cpu_by_process
+
+    asyncio.run(_load(url, body, conns, 1.5))  # warm-up
+    before, t = cpu_by_process(names), time.perf_counter()
+    out = asyncio.run(_load(url, body, conns, DURATION_S))
+    after, wall = cpu_by_process(names), time.perf_counter() - t
+    spent = {k: after[k] - before.get(k, 0.0) for k in after}
+    per = sorted(((k, 1000 * v / max(out["requests"], 1)) for k, v in spent.items() if v > 0), key=lambda kv: -kv[1])
+    out["cpu_ms_per_request"] = {k: round(v, 2) for k, v in per if v >= 0.05}
+    out["cores_busy"] = round(sum(v for v in spent.values() if v > 0) / wall, 2)
+    return out
+
+
+def _process_names(plain_pid: int) -> dict[int, str]:
+    """pid -> what it is: Serve replicas as app:deployment, other actors by class, the FastAPI baseline, this process."""
+    from ray.util.state import list_actors
+
+    names = {plain_pid: "plain FastAPI", os.getpid(): "load generator (bench)"}
+    for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, raise_on_missing_output=False):
+        if a.pid and (a.name or "").startswith("SERVE_REPLICA::"):
+            names[a.pid] = ":".join(a.name.split("::", 1)[1].split("#")[:2])
+        elif a.pid:
+            names[a.pid] = a.class_name
+    return names
+
+
 def _bodies(features, pool):
     import json
 
@@ -116,21 +145,21 @@ def run() -> dict:
         except Exception:
             time.sleep(1)
     bodies = _bodies(spec.dataset.features, examples.builtin("digits").pool)
+    names = _process_names(plain.pid)
     rows = []
     try:
         for batch in BATCHES:
             for conns in CONNECTIONS:
                 cell = {"batch": batch, "connections": conns}
                 for name, url in targets.items():
-                    asyncio.run(_load(url, bodies[batch], conns, 1.5))  # warm-up
-                    cell[name] = asyncio.run(_load(url, bodies[batch], conns, DURATION_S))
+                    cell[name] = _measured(url, bodies[batch], conns, names)
                 cell["d_in_process"] = _in_process(registry.load_model(path), spec, batch)
                 rows.append(cell)
                 print(f"serving batch={batch} conns={conns}: " + ", ".join(
                     f"{k}={v['rps']:.0f}/s" for k, v in cell.items() if isinstance(v, dict)), flush=True)
         serve.shutdown()
         try:
-            listening, haproxy_error = _haproxy_cells(s, d, port, rows, bodies, targets["c_plain_fastapi"]), None
+            listening, haproxy_error = _haproxy_cells(s, d, port, rows, bodies, targets["c_plain_fastapi"], plain.pid), None
         except Exception as err:  # the cells measured so far stand; the table says what failed
             listening, haproxy_error = [], f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     finally:
@@ -146,7 +175,7 @@ def run() -> dict:
                         "first one stopped, with (c) measured again beside them as (c2)"}
 
 
-def _haproxy_cells(s, d: dict, port: int, rows: list[dict], bodies: dict, plain_url: str) -> list[str]:
+def _haproxy_cells(s, d: dict, port: int, rows: list[dict], bodies: dict, plain_url: str, plain_pid: int) -> list[str]:
     """The same applications on a fresh local cluster whose Serve ingress is HAProxy; returns what HAProxy listens on."""
     import httpx
     import ray
@@ -180,10 +209,10 @@ def _haproxy_cells(s, d: dict, port: int, rows: list[dict], bodies: dict, plain_
                 raise RuntimeError("the applications did not answer 200 through HAProxy within 120 s")
             time.sleep(1)
         listening = _listening("haproxy", since)
+        names = _process_names(plain_pid)
         for cell in rows:
             for name, url in targets.items():
-                asyncio.run(_load(url, bodies[cell["batch"]], cell["connections"], 1.5))  # warm-up
-                cell[name] = asyncio.run(_load(url, bodies[cell["batch"]], cell["connections"], DURATION_S))
+                cell[name] = _measured(url, bodies[cell["batch"]], cell["connections"], names)
             print(f"serving via HAProxy batch={cell['batch']} conns={cell['connections']}: " + ", ".join(
                 f"{k}={cell[k]['rps']:.0f}/s" for k in targets), flush=True)
         return listening

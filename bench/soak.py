@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bench.common import cpu_by_process
+
 # --- totals and targets (the issue's minimums) -------------------------------------------------------------------
 PREDICTIONS = 200_000  # rows answered by /predict during the soak
 LABELS = 50_000  # labels accepted by /feedback during the soak
@@ -357,35 +359,6 @@ def _pct(ms: list[float]) -> dict:
     return {"n": len(ms), "p50_ms": round(float(np.percentile(a, 50)), 2), "p99_ms": round(float(np.percentile(a, 99)), 2)}
 
 
-def _cpu_by_process(names: dict[int, str]) -> dict[str, float]:
-    """CPU seconds (user + system) so far of every process this user runs, keyed by what it is: an actor's label
-    from the sampler (names), else its program (a Python process by its script or module)."""
-    import psutil
-
-    out: dict[str, float] = {}
-    for p in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
-        try:
-            ct, cmd = p.info["cpu_times"], p.info["cmdline"] or []
-        except psutil.Error:
-            continue
-        if ct is None:
-            continue
-        if p.info["pid"] in names:
-            key = names[p.info["pid"]]
-        elif p.info["pid"] == os.getpid():
-            key = "bench (this process)"
-        elif cmd and cmd[0].startswith("ray::"):
-            key = cmd[0].split()[0][:40]
-        elif cmd:
-            prog = os.path.basename(cmd[0])
-            script = next((os.path.basename(a) for a in cmd[1:] if a.endswith(".py") or a.startswith("-m")), "")
-            key = f"{prog} {script}".strip()[:40]
-        else:
-            key = "other"
-        out[key] = out.get(key, 0.0) + ct.user + ct.system
-    return out
-
-
 def _cpu_diff(before: dict[str, float], after: dict[str, float], wall_s: float, top: int = 8, requests: int = 0) -> dict:
     """The processes that used the most CPU between two snapshots, in CPU seconds per wall second (2.0 = both cores),
     and the CPU milliseconds per probe request of the proxy and of the predictors together (the request's own path)."""
@@ -408,7 +381,7 @@ def _probe(base: str, bodies: list[bytes], labels: list[int], names: dict[int, s
     pred, fb, ids = [], [], []
     errors = {"predict": 0, "feedback": 0}
     host = _host_speed()  # the machine's own pace, beside the probe: a slower host slows every process alike
-    cpu0, t_cpu = (_cpu_by_process(names), time.perf_counter()) if names is not None else (None, 0.0)
+    cpu0, t_cpu = (cpu_by_process(names), time.perf_counter()) if names is not None else (None, 0.0)
     versions: set = set()
     with httpx.Client(timeout=60) as c:
         for body in bodies:
@@ -424,7 +397,7 @@ def _probe(base: str, bodies: list[bytes], labels: list[int], names: dict[int, s
             if ok:
                 versions.add(answer["model_version"])
             errors["predict"] += not ok
-        cpu = _cpu_diff(cpu0, _cpu_by_process(names), time.perf_counter() - t_cpu, requests=len(bodies)) if cpu0 is not None else None
+        cpu = _cpu_diff(cpu0, cpu_by_process(names), time.perf_counter() - t_cpu, requests=len(bodies)) if cpu0 is not None else None
         time.sleep(FRESH_ID_S + 1)
         for rid, y in zip(ids[:PROBE_FEEDBACK], labels):
             if rid is None:

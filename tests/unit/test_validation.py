@@ -23,6 +23,7 @@ def test_one_row_and_batch():
         ({"row": {"a": 1, "b": None, "c": 3}}, 422, "row.b: must be a number, got null"),
         ({"row": {"a": True, "b": 1, "c": 3}}, 422, "row.a: must be a number, got bool"),
         ({"row": {"a": 1e308, "b": 1, "c": 3}}, 422, "row.a: must be a finite number"),
+        ({"rows": [{"a": 1, "b": 1, "c": 3}, {"a": 10**400, "b": 1, "c": 3}]}, 422, "rows[1].a: number out of range"),
         ({"row": {"a": 1, "b": 1, "c": 3, "d": 4}}, 422, "row: unknown feature 'd'"),
         ({"rows": []}, 422, "rows: must not be empty"),
         ({"rows": [{"a": 1, "b": 1, "c": 1}] * 300}, 413, "batch of 300 rows exceeds the limit of 256"),

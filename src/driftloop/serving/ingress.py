@@ -156,7 +156,8 @@ class Predictor(PollLoops):
         else:
             rows = [{"id": i, "prediction": p.item(), "probabilities": [round(float(q), 6) for q in pr]}
                     for i, p, pr in zip(ids, preds, proba)]
-        return {"request_id": rid, "model": self.spec.name, "model_version": version, "predictions": rows}
+        # already plain JSON types: answered as they are (FastAPI would walk them again with jsonable_encoder)
+        return JSONResponse({"request_id": rid, "model": self.spec.name, "model_version": version, "predictions": rows})
 
     @fastapi_app.post("/feedback", summary="Record the ground-truth label of a served row, or a batch of labels")
     async def feedback(self, request: Request):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -101,8 +102,10 @@ def parse_rows(payload: Any, features: list[str], max_rows: int = MAX_BATCH_ROWS
         raise InvalidInput("rows: must not be empty")
     if len(rows) > max_rows:
         raise InvalidInput(f"rows: batch of {len(rows)} rows exceeds the limit of {max_rows}", 413)
-    index = {f: i for i, f in enumerate(features)}
     convert = _converters(ds) if ds is not None and (ds.categorical or ds.missing) else {}
+    if not convert and (fast := _plain_numbers(rows, features)) is not None:
+        return fast
+    index = {f: i for i, f in enumerate(features)}
     out = np.empty((len(rows), len(features)), dtype=np.float32)
     for r, row in enumerate(rows):
         where = "row" if "row" in payload else f"rows[{r}]"
@@ -119,6 +122,20 @@ def parse_rows(payload: Any, features: list[str], max_rows: int = MAX_BATCH_ROWS
             c = convert.get(name)
             out[r, index[name]] = c(value, f"{where}.{name}") if c else _number(value, f"{where}.{name}")
     return out
+
+
+def _plain_numbers(rows: list, features: list[str]) -> np.ndarray | None:
+    """The common batch, checked in bulk: every row an object of exactly the features, every value an int or a
+    float (not a bool), finite and within ±1e30. None when anything else is there: the row-by-row path of
+    `parse_rows` then names the first problem."""
+    try:
+        values = [[row[f] for f in features] for row in rows]
+        if any(len(row) != len(features) for row in rows) or not set(map(type, itertools.chain.from_iterable(values))) <= {int, float}:
+            return None
+        a = np.array(values, dtype=np.float64)
+    except (KeyError, TypeError, OverflowError):
+        return None
+    return a.astype(np.float32) if np.all(np.abs(a) <= 1e30) else None  # NaN compares false, so it fails too
 
 
 def parse_feedback(payload: Any, classes: list | None) -> tuple[str, int | str | float]:
