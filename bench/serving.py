@@ -58,6 +58,7 @@ def _measured(url: str | list[str], body: bytes, conns: int, names: dict[int, st
     milliseconds per answered request, the busiest first: where a ratio's cause is on 2 shared cores."""
     from bench.common import cpu_by_process
 
+    _settle(names)  # the previous cell's rows still being tested by a monitor would bill this cell
     asyncio.run(_load(url, body, conns, 1.5))  # warm-up
     before, t = cpu_by_process(names), time.perf_counter()
     out = asyncio.run(_load(url, body, conns, DURATION_S))
@@ -67,6 +68,22 @@ def _measured(url: str | list[str], body: bytes, conns: int, names: dict[int, st
     out["cpu_ms_per_request"] = {k: round(v, 2) for k, v in per if v >= 0.05}
     out["cores_busy"] = round(sum(v for v in spent.values() if v > 0) / wall, 2)
     return out
+
+
+def _settle(names: dict[int, str], most_s: float = 30.0) -> None:
+    """Wait until the drift monitors are idle (under 5 % of a core over half a second), at most MOST_S."""
+    from bench.common import cpu_by_process
+
+    def busy() -> float:
+        return sum(v for k, v in cpu_by_process(names).items() if "DriftMonitor" in k)
+
+    deadline, last = time.monotonic() + most_s, busy()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = busy()
+        if now - last < 0.025:
+            return
+        last = now
 
 
 def _process_names(plain_pid: int) -> dict[int, str]:

@@ -149,3 +149,36 @@ def test_loading_detectors_defers_transformers_and_torch_until_used(tmp_path):
     assert out["deferred"] and out["heavy"] == [], out
     assert out["flagged"] and not out["clean"] and out["resolves"] and out["real_after_use"], out
     assert out["torch_after_mmd"] and out["mmd_flagged"] and out["first_still_flags"], out
+
+
+def test_fast_ks_score_gives_alibi_detects_own_numbers(tmp_path):
+    """The monitor's KS detectors score windows with FastKSScore; every p-value, distance and verdict must be
+    alibi-detect's own (scipy's ks_2samp per feature), on continuous and tied data, odd sizes, shifted windows,
+    repeated windows (the p-value cache) and NaN (handed to alibi-detect's method)."""
+    from alibi_detect.saving import load_detector
+
+    from driftloop.drift.detectors import FastKSScore
+
+    rng = np.random.default_rng(3)
+    for n_ref, n_win, tied in ((1000, 500, True), (137, 61, False), (300, 100, True)):
+        draw = (lambda *s: rng.integers(0, 17, s).astype(np.float32)) if tied else (lambda *s: rng.normal(size=s).astype(np.float32))
+        x_ref = draw(n_ref, 6)
+        spec = DriftSpec(window=n_win, p_val=0.05, reference_rows=n_ref, detectors=[DetectorSpec(kind="ks")])
+        path = fit_detectors(spec, x_ref, rng.dirichlet(np.ones(3), size=n_ref).astype(np.float32), list("abcdef"),
+                             tmp_path / f"ks-{n_ref}")
+        fast = load_detectors(path, 3)[0][0]
+        assert isinstance(fast._det.feature_score, FastKSScore)
+        own = load_detector(path / "0-ks")  # alibi-detect's detector as saved, its own feature_score
+        windows = [draw(n_win, 6) for _ in range(3)]
+        windows.append(windows[0] + np.float32(6.0) * (np.arange(6) % 2).astype(np.float32))  # half the columns shifted
+        windows.append(windows[1].copy())  # the same statistics again: from the cache
+        nan = windows[2].copy()
+        nan[0, 0] = np.nan
+        windows.append(nan)
+        for w in windows:
+            a = fast._det.predict(w, return_p_val=True, return_distance=True)["data"]
+            b = own.predict(w, return_p_val=True, return_distance=True)["data"]
+            np.testing.assert_array_equal(a["p_val"], b["p_val"])
+            np.testing.assert_array_equal(a["distance"], b["distance"])
+            assert a["is_drift"] == b["is_drift"]
+        assert fast._det.predict(windows[3])["data"]["is_drift"]
