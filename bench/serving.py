@@ -16,7 +16,8 @@ import numpy as np
 
 from bench.common import free_port
 
-DURATION_S = 8.0
+DURATION_S = 8.0  # per target and cell, in ROUNDS interleaved slices
+ROUNDS = 4
 CONNECTIONS = (1, 16, 64)
 BATCHES = (1, 32)
 
@@ -50,23 +51,39 @@ async def _load(url: str | list[str], body: bytes, conns: int, duration: float) 
         el = time.perf_counter() - t0
     a = np.asarray(lat) * 1000
     return {"rps": len(lat) / el, "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "errors": errors,
-            "requests": len(lat)}
+            "requests": len(lat), "elapsed_s": el, "lat_ms": a}
 
 
-def _measured(url: str | list[str], body: bytes, conns: int, names: dict[int, str]) -> dict:
-    """One cell's load (after a warm-up), with the CPU every process on this machine spent during it, in CPU
-    milliseconds per answered request, the busiest first: where a ratio's cause is on 2 shared cores."""
+def _cell(targets: dict[str, str | list[str]], body: bytes, conns: int, names: dict[int, str]) -> dict[str, dict]:
+    """Every target of one cell (batch size, connections), each for DURATION_S in ROUNDS slices taken in turn
+    (a, b, c, a, b, c, ...), so a change in the host's pace during the cell falls on every target alike; with the
+    CPU every process on this machine spent meanwhile, in CPU milliseconds per answered request, the busiest
+    first: where a ratio's cause is on 2 shared cores."""
     from bench.common import cpu_by_process
 
-    _settle(names)  # the previous cell's rows still being tested by a monitor would bill this cell
-    asyncio.run(_load(url, body, conns, 1.5))  # warm-up
-    before, t = cpu_by_process(names), time.perf_counter()
-    out = asyncio.run(_load(url, body, conns, DURATION_S))
-    after, wall = cpu_by_process(names), time.perf_counter() - t
-    spent = {k: after[k] - before.get(k, 0.0) for k in after}
-    per = sorted(((k, 1000 * v / max(out["requests"], 1)) for k, v in spent.items() if v > 0), key=lambda kv: -kv[1])
-    out["cpu_ms_per_request"] = {k: round(v, 2) for k, v in per if v >= 0.05}
-    out["cores_busy"] = round(sum(v for v in spent.values() if v > 0) / wall, 2)
+    got: dict[str, dict] = {k: {"requests": 0, "errors": 0, "elapsed_s": 0.0, "lat": [], "cpu": {}} for k in targets}
+    for name, url in targets.items():
+        _settle(names)
+        asyncio.run(_load(url, body, conns, 1.5))  # warm-up
+    for _ in range(ROUNDS):
+        for name, url in targets.items():
+            _settle(names)  # rows a monitor is still testing from the slice before would bill this one
+            before = cpu_by_process(names)
+            r = asyncio.run(_load(url, body, conns, DURATION_S / ROUNDS))
+            after, g = cpu_by_process(names), got[name]
+            for k in after:
+                g["cpu"][k] = g["cpu"].get(k, 0.0) + after[k] - before.get(k, 0.0)
+            g["requests"] += r["requests"]
+            g["errors"] += r["errors"]
+            g["elapsed_s"] += r["elapsed_s"]
+            g["lat"].append(r["lat_ms"])
+    out = {}
+    for name, g in got.items():
+        lat, n = np.concatenate(g["lat"]), max(g["requests"], 1)
+        per = sorted(((k, 1000 * v / n) for k, v in g["cpu"].items() if v > 0), key=lambda kv: -kv[1])
+        out[name] = {"rps": g["requests"] / g["elapsed_s"], "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+                     "errors": g["errors"], "requests": g["requests"], "cpu_ms_per_request": {k: round(v, 2) for k, v in per if v >= 0.05},
+                     "cores_busy": round(sum(v for v in g["cpu"].values() if v > 0) / g["elapsed_s"], 2)}
     return out
 
 
@@ -167,9 +184,7 @@ def run() -> dict:
     try:
         for batch in BATCHES:
             for conns in CONNECTIONS:
-                cell = {"batch": batch, "connections": conns}
-                for name, url in targets.items():
-                    cell[name] = _measured(url, bodies[batch], conns, names)
+                cell = {"batch": batch, "connections": conns} | _cell(targets, bodies[batch], conns, names)
                 cell["d_in_process"] = _in_process(registry.load_model(path), spec, batch)
                 rows.append(cell)
                 print(f"serving batch={batch} conns={conns}: " + ", ".join(
@@ -184,7 +199,8 @@ def run() -> dict:
         serve.shutdown()
     return {"duration_s": DURATION_S, "cells": rows, "haproxy_listening": listening, "haproxy_error": haproxy_error,
             "settings": "2 Predictor replicas (0.1 CPU), @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.002), "
-                        "access log off, rows handed to the monitor every 0.2 s, inference log committed every 2 s; "
+                        "access log off, rows handed to the monitor every 0.2 s, inference log committed every 2 s; each cell's targets "
+                        f"measured in {ROUNDS} interleaved slices, after the drift monitors went idle; "
                         "(a) and (b) through Serve's proxy (the default), (e) is (a) through direct ingress "
                         "(RAY_SERVE_ENABLE_DIRECT_INGRESS=1: the client spreads its connections over the replicas' own ports); "
                         "(f) and (g) are (a) and (b) through Serve's HAProxy ingress (`driftloop serve --ingress haproxy`: "
@@ -228,8 +244,7 @@ def _haproxy_cells(s, d: dict, port: int, rows: list[dict], bodies: dict, plain_
         listening = _listening("haproxy", since)
         names = _process_names(plain_pid)
         for cell in rows:
-            for name, url in targets.items():
-                cell[name] = _measured(url, bodies[cell["batch"]], cell["connections"], names)
+            cell |= _cell(targets, bodies[cell["batch"]], cell["connections"], names)
             print(f"serving via HAProxy batch={cell['batch']} conns={cell['connections']}: " + ", ".join(
                 f"{k}={cell[k]['rps']:.0f}/s" for k in targets), flush=True)
         return listening
