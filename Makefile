@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: demo test test-fast bench setup browser clean
+.PHONY: demo test test-fast bench setup browser loadgen clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -29,7 +29,12 @@ test: $(STAMP) browser  ## every test, end-to-end ones included
 test-fast: $(STAMP)  ## unit tests only (no Ray)
 	$(VENV)/bin/python -m pytest -m "not slow"
 
-bench: $(STAMP)  ## benchmarks; writes bench/results.md and bench/results.json
+loadgen:  ## wrk, the serving benchmark's load generator: Debian's package, installed when missing (as root)
+	@command -v wrk >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	  else echo "bench/serving.py falls back to a Python client without wrk: sudo apt-get install wrk" >&2; fi
+
+bench: $(STAMP) loadgen  ## benchmarks; writes bench/results.md and bench/results.json
 	$(VENV)/bin/python bench/run_all.py
 
 clean:

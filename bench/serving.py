@@ -1,16 +1,19 @@
 """Serving cost of drift monitoring: (a) driftloop with the monitor, (b) the same app with monitoring off,
 (c) plain FastAPI + uvicorn serving the same torch model, (d) the model's forward pass in-process, batched,
 (e) (a) through Serve's direct ingress, (f) and (g) (a) and (b) through Serve's HAProxy ingress.
-Load: an async httpx client on this machine, pinned concurrency and duration per cell."""
+Load: wrk (`make bench` installs Debian's where it can), else an async httpx client in this process; pinned
+concurrency and duration per cell."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -54,6 +57,37 @@ async def _load(url: str | list[str], body: bytes, conns: int, duration: float) 
             "requests": len(lat), "elapsed_s": el, "lat_ms": a}
 
 
+LOADGEN = "wrk" if shutil.which("wrk") else "httpx"  # make bench installs wrk (Debian) where it can; httpx otherwise
+
+
+def _run_load(url: str | list[str], body: bytes, conns: int, duration: float) -> dict:
+    return _load_wrk(url, body, conns, duration) if LOADGEN == "wrk" else asyncio.run(_load(url, body, conns, duration))
+
+
+def _load_wrk(url: str | list[str], body: bytes, conns: int, duration: float) -> dict:
+    """The same load from wrk (C, one thread per process; its CPU per request is a fraction of a Python client's,
+    on the same 2 cores as the servers). Several URLs: one wrk per URL, the connections split over them. Latency
+    percentiles from each process's 100 quantiles, weighted by its requests."""
+    import json
+    import tempfile
+
+    urls = [url] if isinstance(url, str) else url
+    shares = [n for n in (conns // len(urls) + (1 if i < conns % len(urls) else 0) for i in range(len(urls))) if n]
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        f.write(body)
+        f.flush()
+        env = os.environ | {"WRK_BODY": f.name}
+        procs = [subprocess.Popen(["wrk", "-t1", f"-c{n}", f"-d{max(1, round(duration))}s", "--timeout", "30s", "-s",
+                                   str(Path(__file__).with_name("wrk_post.lua")), u], stdout=subprocess.PIPE, text=True, env=env)
+                 for u, n in zip(urls, shares)]
+        outs = [json.loads(next(line for line in p.communicate()[0].splitlines() if line.startswith("WRK "))[4:]) for p in procs]
+    requests = sum(o["requests"] for o in outs)
+    el = max(o["duration_us"] for o in outs) / 1e6
+    lat = np.concatenate([np.repeat(np.asarray(o["quantiles_us"], dtype=float) / 1000, max(1, round(o["requests"] / 100))) for o in outs])
+    return {"rps": requests / el, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "errors": sum(o["status_errors"] + o["socket_errors"] for o in outs), "requests": requests, "elapsed_s": el, "lat_ms": lat}
+
+
 def _cell(targets: dict[str, str | list[str]], body: bytes, conns: int, names: dict[int, str]) -> dict[str, dict]:
     """Every target of one cell (batch size, connections), each for DURATION_S in ROUNDS slices taken in turn
     (a, b, c, a, b, c, ...), so a change in the host's pace during the cell falls on every target alike; with the
@@ -64,12 +98,12 @@ def _cell(targets: dict[str, str | list[str]], body: bytes, conns: int, names: d
     got: dict[str, dict] = {k: {"requests": 0, "errors": 0, "elapsed_s": 0.0, "lat": [], "cpu": {}} for k in targets}
     for name, url in targets.items():
         _settle(names)
-        asyncio.run(_load(url, body, conns, 1.5))  # warm-up
+        _run_load(url, body, conns, 1.5)  # warm-up
     for _ in range(ROUNDS):
         for name, url in targets.items():
             _settle(names)  # rows a monitor is still testing from the slice before would bill this one
             before = cpu_by_process(names)
-            r = asyncio.run(_load(url, body, conns, DURATION_S / ROUNDS))
+            r = _run_load(url, body, conns, DURATION_S / ROUNDS)
             after, g = cpu_by_process(names), got[name]
             for k in after:
                 g["cpu"][k] = g["cpu"].get(k, 0.0) + after[k] - before.get(k, 0.0)
@@ -107,7 +141,7 @@ def _process_names(plain_pid: int) -> dict[int, str]:
     """pid -> what it is: Serve replicas as app:deployment, other actors by class, the FastAPI baseline, this process."""
     from ray.util.state import list_actors
 
-    names = {plain_pid: "plain FastAPI", os.getpid(): "load generator (bench)"}
+    names = {plain_pid: "plain FastAPI", os.getpid(): "bench (this process)" if LOADGEN == "wrk" else "load generator (bench)"}
     for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, raise_on_missing_output=False):
         if a.pid and (a.name or "").startswith("SERVE_REPLICA::"):
             names[a.pid] = ":".join(a.name.split("::", 1)[1].split("#")[:2])
@@ -199,7 +233,9 @@ def run() -> dict:
         serve.shutdown()
     return {"duration_s": DURATION_S, "cells": rows, "haproxy_listening": listening, "haproxy_error": haproxy_error,
             "settings": "2 Predictor replicas (0.1 CPU), @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.002), "
-                        "access log off, rows handed to the monitor every 0.2 s, inference log committed every 2 s; each cell's targets "
+                        "access log off, rows handed to the monitor every 0.2 s, inference log committed every 2 s; load from "
+                        + ("wrk (one thread per process)" if LOADGEN == "wrk" else "a Python httpx client in the bench process")
+                        + "; each cell's targets "
                         f"measured in {ROUNDS} interleaved slices, after the drift monitors went idle; "
                         "(a) and (b) through Serve's proxy (the default), (e) is (a) through direct ingress "
                         "(RAY_SERVE_ENABLE_DIRECT_INGRESS=1: the client spreads its connections over the replicas' own ports); "
