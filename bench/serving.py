@@ -102,9 +102,11 @@ def _cell(targets: dict[str, str | list[str]], body: bytes, conns: int, names: d
     for _ in range(ROUNDS):
         for name, url in targets.items():
             _settle(names)  # rows a monitor is still testing from the slice before would bill this one
-            before = cpu_by_process(names)
+            before, kids = cpu_by_process(names), _children_cpu()
             r = _run_load(url, body, conns, DURATION_S / ROUNDS)
             after, g = cpu_by_process(names), got[name]
+            if LOADGEN == "wrk":  # wrk starts and ends between the snapshots: its CPU is this process's reaped children's
+                before["wrk (load generator)"], after["wrk (load generator)"] = 0.0, _children_cpu() - kids
             for k in after:
                 g["cpu"][k] = g["cpu"].get(k, 0.0) + after[k] - before.get(k, 0.0)
             g["requests"] += r["requests"]
@@ -119,6 +121,11 @@ def _cell(targets: dict[str, str | list[str]], body: bytes, conns: int, names: d
                      "errors": g["errors"], "requests": g["requests"], "cpu_ms_per_request": {k: round(v, 2) for k, v in per if v >= 0.05},
                      "cores_busy": round(sum(v for v in g["cpu"].values() if v > 0) / g["elapsed_s"], 2)}
     return out
+
+
+def _children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
 
 
 def _settle(names: dict[int, str], most_s: float = 30.0) -> None:
