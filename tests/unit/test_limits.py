@@ -74,6 +74,19 @@ def test_bounded_map_forgets_the_oldest_and_tells():
     assert m.get("k0") is None and m["k4"] == 4
 
 
+def test_bounded_map_put_many_is_setting_each_in_turn():
+    items = [("a", 1), ("b", 2), ("a", 3), ("c", 4), ("d", 5), ("b", 6)]
+    one, many, ev_one, ev_many = BoundedMap(3), BoundedMap(3), [], []
+    one.on_evict, many.on_evict = (lambda k, v: ev_one.append((k, v))), (lambda k, v: ev_many.append((k, v)))
+    one["z"] = many["z"] = 0
+    for k, v in items:
+        one[k] = v
+    many.put_many(items)
+    assert list(many.items()) == list(one.items()) == [("c", 4), ("d", 5), ("b", 6)]
+    # one trim at the end: the same keys go, oldest first (a key set again moved to the newest end)
+    assert sorted(ev_many) == [("a", 3), ("z", 0)] and len(ev_one) == 3
+
+
 def test_coalescer_serves_concurrent_lookups_with_one_call():
     calls = []
 

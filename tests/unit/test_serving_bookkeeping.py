@@ -334,3 +334,41 @@ def test_a_swap_never_mixes_versions_in_a_window_nor_stalls_rows_while_it_downlo
     assert seen[1] and all(s == {1.0} for s in seen[1]), seen[1]
     assert seen[2] and all(s == {2.0} for s in seen[2]), "a window of the new detectors saw rows of the old model"
     assert max(waits) < downloading / 2, f"rows waited {max(waits):.2f} s for the swap's download"
+
+
+def test_the_windows_one_batch_closes_are_one_commit_of_the_drift_events_log(served, tmp_path):
+    """Each window's drift event is durable before observe returns (and before a trigger names it); the windows
+    and alarms one batch of rows closes share one commit instead of one commit each."""
+    from deltalake import DeltaTable
+
+    from driftloop.data.logs import read_or_empty, uris
+    from driftloop.drift.detectors import DetectorResult
+    from driftloop.drift.windows import WindowedDetectors
+
+    settings, spec = served
+
+    class Quiet:
+        name, kind, input, online = "0-quiet", "quiet", "features", False
+
+        def predict(self, x, proba):
+            return DetectorResult(self.name, self.kind, False, 0.5, 0.1, 0.01)
+
+    m = bare_monitor(settings, spec)
+    for name in ("m_windows", "m_drift", "m_pval", "m_score"):
+        setattr(m, name, Metric())
+    m.state_path, m.first_started_at, m.persisted_at = str(tmp_path / "state.npz"), time.time(), None
+    m.core.use(1, WindowedDetectors([Quiet()], 10, 1), time.time(), swapped=False)
+
+    def rows(n: int) -> dict:
+        return {"ids": [issue() for _ in range(n)], "ts": [time.time()] * n, "dropped": 0, "version": 1,
+                "x": np.zeros((n, len(spec.dataset.features)), dtype=np.float32),
+                "proba": np.full((n, spec.n_classes), 0.1, dtype=np.float32)}
+
+    uri = uris(settings, spec)["drift_events"]
+    asyncio.run(m.observe(rows(35)))  # three windows of 10 close, 5 rows stay open
+    events = read_or_empty(uri)
+    assert len(events) == 3 and events["window_index"].nunique() == 3 and not events["is_drift"].any()
+    assert DeltaTable(uri).version() == 0  # the one commit that created the log holds all three
+    asyncio.run(m.observe(rows(5)))  # the fourth window
+    assert len(read_or_empty(uri)) == 4 and DeltaTable(uri).version() == 1
+    assert m.m_windows.total == 4

@@ -56,6 +56,27 @@ def test_json_limits():
     assert parse_json(json.dumps({"row": {"a": 1}}).encode()) == {"row": {"a": 1}}
 
 
+@pytest.mark.parametrize("body", [
+    b'{"row": {"a": 1.5, "b": -2, "c": 1e-7}}',  # orjson's path
+    b'{"rows": [{"a": 0.1, "b": 2.2250738585072014e-308, "c": 123456789.123456789}], "x": [true, null, "\u00e9"]}',
+    b'{"a": 1e400}',  # out of double range: infinity, as before (a row then names it)
+    b'{"a": "\ud800"}',  # a lone surrogate escape
+    json.dumps({"row": {"a": 1}}).encode("utf-16"),  # the standard library detects UTF-16 and UTF-32
+    b'\xef\xbb\xbf{"a": 1}',  # a UTF-8 byte-order mark
+])
+def test_parse_json_takes_what_the_standard_library_takes(body):
+    """orjson decodes the common body; whatever it refuses is decoded (or refused, naming why) as before."""
+    assert parse_json(body) == json.loads(body)
+
+
+def test_an_integer_past_64_bits_is_the_float_it_becomes_anyway():
+    body = b'{"row": {"a": 123456789012345678901234567890, "b": 1, "c": 2}}'
+    assert parse_json(body)["row"]["a"] == float(json.loads(body)["row"]["a"])
+    assert parse_rows(parse_json(body), FEATS).tolist() == parse_rows(json.loads(body), FEATS).tolist()
+    with pytest.raises(InvalidInput, match="out of range|within ±1e30"):
+        parse_rows(parse_json(b'{"row": {"a": 1' + b"0" * 400 + b', "b": 1, "c": 2}}'), FEATS)
+
+
 RID = issue(b"k" * 32, 3, 1)  # the shape of an id /predict issues (signed: driftloop.ids)
 
 

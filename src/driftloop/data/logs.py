@@ -52,16 +52,24 @@ def feedback_frame(rows: list[tuple[str, int | str | float, float]]) -> pd.DataF
 
 
 def drift_event_frame(report: dict) -> pd.DataFrame:
-    det = report["detectors"]
-    drifted = sorted({f for d in det for f in d.get("drifted_features", [])})
-    ps = [d["p_val"] for d in det if d.get("p_val") is not None]
-    return pd.DataFrame([{
-        "event_id": report["event_id"], "ts": float(report["ended_at"]), "started_at": float(report["started_at"]),
-        "model_version": int(report["model_version"]), "window_index": int(report["index"]), "rows": int(report["rows"]),
-        "is_drift": bool(report["is_drift"]), "min_p_val": float(min(ps)) if ps else float("nan"),
-        "drifted_features": json.dumps(drifted), "detectors": json.dumps(det), "kind": report.get("kind", "window"),
-        "trigger": report.get("trigger", ""),
-    }]).pipe(_with_day)
+    return drift_events_frame([report])
+
+
+def drift_events_frame(reports: list[dict]) -> pd.DataFrame:
+    """Drift events (closed windows, online alarms) as rows of the drift_events log: one append for them all."""
+    rows = []
+    for report in reports:
+        det = report["detectors"]
+        drifted = sorted({f for d in det for f in d.get("drifted_features", [])})
+        ps = [d["p_val"] for d in det if d.get("p_val") is not None]
+        rows.append({
+            "event_id": report["event_id"], "ts": float(report["ended_at"]), "started_at": float(report["started_at"]),
+            "model_version": int(report["model_version"]), "window_index": int(report["index"]), "rows": int(report["rows"]),
+            "is_drift": bool(report["is_drift"]), "min_p_val": float(min(ps)) if ps else float("nan"),
+            "drifted_features": json.dumps(drifted), "detectors": json.dumps(det), "kind": report.get("kind", "window"),
+            "trigger": report.get("trigger", ""),
+        })
+    return pd.DataFrame(rows).pipe(_with_day)
 
 
 def read_or_empty(uri: str, columns: list[str] | None = None, filters: list | None = None) -> pd.DataFrame:

@@ -93,6 +93,18 @@ class BoundedMap(OrderedDict):
     def __setitem__(self, key, value) -> None:
         super().__setitem__(key, value)
         self.move_to_end(key)
+        self._trim()
+
+    def put_many(self, items: Iterable[tuple[Any, Any]]) -> None:
+        """Set many keys with one trim at the end: the entries kept are those `map[k] = v` for each in turn would keep
+        (a key set twice is not evicted in between, so `on_evict` may hear of fewer)."""
+        for key, value in items:
+            if key in self:
+                self.move_to_end(key)
+            OrderedDict.__setitem__(self, key, value)
+        self._trim()
+
+    def _trim(self) -> None:
         while len(self) > self.maxlen:
             k, v = self.popitem(last=False)
             if self.on_evict is not None:

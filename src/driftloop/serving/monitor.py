@@ -227,18 +227,16 @@ class DriftMonitor(MonitorState, PollLoops):
         decided = self.core.decide(detected, now)  # policy changes happen on the event loop only
         self._dirty = True
         for rep in decided.windows:
-            await self._on_window(rep)
-        for ev in decided.alarms:
-            await self._on_alarm(ev)
+            self._on_window(rep)
+        # every window this batch closed, and every online alarm, in one commit, durable before a trigger names one
+        await self._record_events([rep.as_dict() for rep in decided.windows] + list(decided.alarms))
         for trig in decided.triggers:
             await self._on_trigger(trig)
         if decided.windows and self._dirty:
             await self.persist()  # each closed window is durable before the next rows count
         return len(x)
 
-    async def _on_window(self, rep) -> None:
-        from driftloop.data import logs
-
+    def _on_window(self, rep) -> None:
         self.m_windows.inc()
         self.m_drift.set(1.0 if rep.is_drift else 0.0)
         for r in rep.results:
@@ -246,13 +244,14 @@ class DriftMonitor(MonitorState, PollLoops):
                 self.m_pval.set(r.p_val, tags={"model": self.name, "detector": r.name})
             if r.distance is not None:
                 self.m_score.set(r.distance, tags={"model": self.name, "detector": r.name})
-        await asyncio.to_thread(logs.append, self.settings, self.spec, "drift_events", logs.drift_event_frame(rep.as_dict()))
 
-    async def _on_alarm(self, event: dict) -> None:
-        """An online detector's alarm is a drift event of its own; a trigger it causes names that event."""
+    async def _record_events(self, events: list[dict]) -> None:
+        """Closed windows and online alarms (an alarm is a drift event of its own; a trigger it causes names that
+        event) appended to the drift_events log together."""
         from driftloop.data import logs
 
-        await asyncio.to_thread(logs.append, self.settings, self.spec, "drift_events", logs.drift_event_frame(event))
+        if events:
+            await asyncio.to_thread(logs.append, self.settings, self.spec, "drift_events", logs.drift_events_frame(events))
 
     # --- labels in --------------------------------------------------------------------------------------
 

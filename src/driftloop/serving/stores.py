@@ -7,6 +7,8 @@ import asyncio
 import time
 from typing import Any, Callable
 
+import numpy as np
+
 from driftloop import ids as request_ids
 from driftloop.config import Spec
 from driftloop.invalid_input import InvalidInput
@@ -89,8 +91,7 @@ class FeedbackStore:
 
     def served(self, ids: list[str], version: int, preds) -> None:
         """Rows just served: their labels find them here without a lookup (the oldest are forgotten, then looked up)."""
-        for rid, p in zip(ids, preds):
-            self.known[rid] = (version, p.item())
+        self.known.put_many(zip(ids, [(version, p) for p in np.asarray(preds).tolist()]))
 
     def _forgot_label(self, request_id: str, value: tuple[int, float]) -> None:
         """An evicted label must still be found: ids issued up to its issue time are looked up again."""

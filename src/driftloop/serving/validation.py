@@ -9,6 +9,7 @@ import re
 from typing import Any, AsyncIterator
 
 import numpy as np
+import orjson
 
 from driftloop.invalid_input import InvalidInput
 from driftloop.ids import REQUEST_ID  # what /predict issues; anything else is refused unlooked-up
@@ -23,11 +24,19 @@ def _reject_constant(name: str) -> float:
 
 
 def parse_json(body: bytes, max_bytes: int = MAX_BODY_BYTES) -> Any:
-    """Decode a body within the size limit; NaN/Infinity literals and bad UTF-8 are refused."""
+    """Decode a body within the size limit; NaN/Infinity literals and bad UTF-8 are refused. orjson decodes what
+    it takes (strict RFC 8259 UTF-8: the common body, at a fraction of the standard library's CPU; an integer past
+    64 bits comes back as the nearest float, the value a feature or a label check makes of it anyway); anything it
+    refuses goes to the standard library, which names the problem, or takes what only it accepts (a number past
+    the double range, a UTF-16 body), as before."""
     if len(body) > max_bytes:
         raise InvalidInput(f"body of {len(body)} bytes exceeds the limit of {max_bytes} bytes", 413)
     if not body:
         raise InvalidInput("empty body: send a JSON object", 400)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(body, parse_constant=_reject_constant)
     except InvalidInput:
