@@ -57,6 +57,9 @@ async def _load(url: str | list[str], body: bytes, conns: int, duration: float) 
             "requests": len(lat), "elapsed_s": el, "lat_ms": a}
 
 
+# As the shipped Serve configs (serve_configs/*.yaml: logging_config.enable_access_log false, which Serve applies to
+# every application of the file); serve.run's applications would otherwise log every request, as plain FastAPI does not.
+QUIET = {"enable_access_log": False}
 LOADGEN = "wrk" if shutil.which("wrk") else "httpx"  # make bench installs wrk (Debian) where it can; httpx otherwise
 
 
@@ -201,8 +204,8 @@ def run() -> dict:
     d["retraining"]["min_labelled_rows"] = 10**9  # no retraining during the benchmark
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
-    serve.run(Predictor.bind(DriftMonitor.bind(d), d, True, 256), name="mon", route_prefix="/mon")
-    serve.run(Predictor.bind(DriftMonitor.bind(d), d, False, 256), name="off", route_prefix="/off")
+    serve.run(Predictor.bind(DriftMonitor.bind(d), d, True, 256), name="mon", route_prefix="/mon", logging_config=QUIET)
+    serve.run(Predictor.bind(DriftMonitor.bind(d), d, False, 256), name="off", route_prefix="/off", logging_config=QUIET)
     path = registry.download(s, spec.name, out["version"])
     plain_port = free_port()
     import json
@@ -269,8 +272,8 @@ def _haproxy_cells(s, d: dict, port: int, rows: list[dict], bodies: dict, plain_
     try:
         ensure_ray(s, join_running=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
-        serve.run(Predictor.bind(DriftMonitor.bind(d), d, True, 256), name="mon", route_prefix="/mon")
-        serve.run(Predictor.bind(DriftMonitor.bind(d), d, False, 256), name="off", route_prefix="/off")
+        serve.run(Predictor.bind(DriftMonitor.bind(d), d, True, 256), name="mon", route_prefix="/mon", logging_config=QUIET)
+        serve.run(Predictor.bind(DriftMonitor.bind(d), d, False, 256), name="off", route_prefix="/off", logging_config=QUIET)
         base = f"http://127.0.0.1:{port}"
         targets = {"f_monitored_haproxy": f"{base}/mon/predict", "g_monitoring_off_haproxy": f"{base}/off/predict",
                    "c2_plain_fastapi": plain_url}
