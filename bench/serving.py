@@ -203,7 +203,7 @@ def run() -> dict:
     d = spec.model_dump(mode="json")
     d["retraining"]["min_labelled_rows"] = 10**9  # no retraining during the benchmark
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)
     serve.run(Predictor.bind(DriftMonitor.bind(d), d, True, 256), name="mon", route_prefix="/mon", logging_config=QUIET)
     serve.run(Predictor.bind(DriftMonitor.bind(d), d, False, 256), name="off", route_prefix="/off", logging_config=QUIET)
     path = registry.download(s, spec.name, out["version"])
@@ -271,7 +271,7 @@ def _haproxy_cells(s, d: dict, port: int, rows: list[dict], bodies: dict, plain_
     os.environ.update(haproxy_env())
     try:
         ensure_ray(s, join_running=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)
         serve.run(Predictor.bind(DriftMonitor.bind(d), d, True, 256), name="mon", route_prefix="/mon", logging_config=QUIET)
         serve.run(Predictor.bind(DriftMonitor.bind(d), d, False, 256), name="off", route_prefix="/off", logging_config=QUIET)
         base = f"http://127.0.0.1:{port}"

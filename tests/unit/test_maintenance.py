@@ -48,7 +48,7 @@ def _serve_day(s, spec, day: int, n: int, secret: bytes, label: bool = True) -> 
 def _event(s, spec, day: int) -> None:
     rep = {"event_id": f"e{day}", "ended_at": T0 + day * DAY_S, "started_at": T0 + day * DAY_S - 60, "model_version": 1,
            "index": day, "rows": 500, "is_drift": False, "detectors": [{"p_val": 0.5}]}
-    logs.append(s, spec, "drift_events", logs.drift_event_frame(rep))
+    logs.append(s, spec, "drift_events", logs.drift_events_frame([rep]))
 
 
 @pytest.fixture(scope="module")

@@ -51,10 +51,6 @@ def feedback_frame(rows: list[tuple[str, int | str | float, float]]) -> pd.DataF
                                    "ts": np.array([r[2] for r in rows], dtype=np.float64)}))
 
 
-def drift_event_frame(report: dict) -> pd.DataFrame:
-    return drift_events_frame([report])
-
-
 def drift_events_frame(reports: list[dict]) -> pd.DataFrame:
     """Drift events (closed windows, online alarms) as rows of the drift_events log: one append for them all."""
     rows = []

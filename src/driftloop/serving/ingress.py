@@ -153,7 +153,7 @@ class Predictor(PollLoops):
         self._hand_to_monitor(ids, x, proba, version)
         preds = predictions(proba, self.spec)
         if self.spec.regression:  # the predicted value, in the label's units
-            rows = [{"id": i, "prediction": p} for i, p in zip(ids, preds.astype(np.float64).tolist())]
+            rows = [{"id": i, "prediction": p} for i, p in zip(ids, preds.tolist())]
         else:  # probabilities to 6 decimals, rounded in one numpy call
             rows = [{"id": i, "prediction": p, "probabilities": pr}
                     for i, p, pr in zip(ids, preds.tolist(), np.round(proba.astype(np.float64), 6).tolist())]
